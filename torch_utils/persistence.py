@@ -68,13 +68,16 @@ def persistent_class(orig_class):
         _orig_class_name = orig_class.__name__
 
         def __init__(self, *args, **kwargs):
+            # A class may set _record_init_args = False and record its own (smaller) init
+            # arguments in its constructor, e.g. to refer to a submodule instead of copying it.
             record = getattr(self, '_record_init_args', True)
             # Copy before the constructor runs, in case it mutates what it was given.
             init_args = copy.deepcopy(args) if record else None
             init_kwargs = copy.deepcopy(kwargs) if record else None
             super().__init__(*args, **kwargs)
-            self._init_args = init_args
-            self._init_kwargs = init_kwargs
+            if record or not hasattr(self, '_init_args'):
+                self._init_args = init_args
+                self._init_kwargs = init_kwargs
             _check_pickleable(self.__reduce__())
 
         @property

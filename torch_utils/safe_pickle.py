@@ -34,6 +34,8 @@ from torch_utils import persistence
 # imported on first use, so that torch_utils does not import the network code at start-up.
 KNOWN_CLASS_MODULES = {
     'training.networks_edm': None,
+    'training.networks_mlp': None,
+    'training.networks_generators': None,
 }
 
 ALLOW_CODE_HINT = 'pass --allow-pickle-code (allow_code=True) only if you trust the file'

@@ -1,0 +1,145 @@
+"""Generate images (or vectors) from a network pickle, one file per seed.
+
+Examples:
+  # 64 images from an EDM teacher with the 18-step Heun sampler (35 network calls each).
+  python generate.py --network edm-cifar10-32x32-cond-vp.pkl --outdir out --seeds 0-63 --grid grid.png
+  # One-step images from a refine.py snapshot (its G_ema).
+  python generate.py --network runs/00000-di/network-snapshot-000200.pkl --outdir out
+  # A SiD / Diff-Instruct one-step pickle: its 'ema' network at noise level 2.5.
+  python generate.py --network sid.pkl --sigma-init 2.5 --outdir out
+  # Many GPUs: each process takes every N-th batch.
+  torchrun --nproc_per_node=8 generate.py --network edm.pkl --outdir out --seeds 0-49999 --subdirs
+"""
+
+import os
+import sys
+
+import click
+import numpy as np
+import torch
+
+import dnnlib
+from refine import generation, sampling
+from torch_utils import distributed
+
+def _parse_seeds(_ctx, _param, value):
+    try:
+        seeds = dnnlib.util.parse_int_list(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    if not seeds:
+        raise click.BadParameter('no seeds given')
+    if min(seeds) < 0:
+        raise click.BadParameter(f'seeds must be non-negative, got {min(seeds)}')
+    return seeds
+
+def _pick_device(name):
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise click.BadParameter('CUDA is not available here', param_hint='--device')
+    if name is None or distributed.get_world_size() > 1:
+        return distributed.device() # each process on its own GPU under torchrun
+    return torch.device(name)
+
+def _image_path(outdir, seed, subdirs):
+    folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f'{seed:06d}.png')
+
+def _gather_in_seed_order(local, seeds):
+    """{seed: array} from every process, stacked in the order of --seeds (on rank 0)."""
+    merged = dict()
+    for part in distributed.all_gather_object(local):
+        merged.update(part)
+    return np.stack([merged[seed] for seed in seeds]) if distributed.is_main() else None
+
+def _save_npy_atomically(array, path):
+    tmp_path = f'{path}.tmp-{os.getpid()}'
+    with open(tmp_path, 'wb') as f:
+        np.save(f, array)
+    os.replace(tmp_path, path)
+
+def _echo0(message):
+    if distributed.is_main():
+        click.echo(message, err=True)
+
+@click.command(context_settings=dict(show_default=True))
+@click.option('--network',  'network_pkl',    help='Network pickle path or URL', metavar='PKL|URL', type=str, required=True)
+@click.option('--outdir',                     help='Where to save the outputs', metavar='DIR', type=str, required=True)
+@click.option('--seeds',                      help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=str, default='0-63', callback=_parse_seeds)
+@click.option('--class',    'class_idx',      help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--batch',    'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64)
+@click.option('--steps',    'num_steps',      help='Heun sampler steps (EDM teachers)', metavar='INT', type=click.IntRange(min=1), default=18)
+@click.option('--sigma_min',                  help='Lowest noise level  [default: the network\'s or 0.002]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max',                  help='Highest noise level  [default: the network\'s or 80]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho',                        help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7)
+@click.option('--S_churn',  'S_churn',        help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
+@click.option('--S_min',    'S_min',          help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
+@click.option('--S_max',    'S_max',          help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=float('inf'))
+@click.option('--S_noise',  'S_noise',        help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1)
+@click.option('--sigma-init',                 help='Read an EDM pickle as a one-step generator at this noise level (SiD 2.5, DI 1.0)', metavar='FLOAT', type=float, default=None)
+@click.option('--grid',     'grid_path',      help='Also save all outputs in one PNG here', metavar='PNG', type=str, default=None)
+@click.option('--subdirs',                    help='Put images in subdirectories of 1000', is_flag=True)
+@click.option('--allow-pickle-code',          help='Run code embedded in the pickle (trusted files only)', is_flag=True)
+@click.option('--device',                     help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']), default=None)
+def main(network_pkl, outdir, seeds, class_idx, max_batch_size, grid_path, subdirs,
+        allow_pickle_code, device, sigma_init, **sampler_kwargs):
+    """Generate images (or vectors) from an EDM teacher, a one-step snapshot, or a SiD/DI pickle."""
+    distributed.init()
+    try:
+        device = _pick_device(device)
+        sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+        sample, meta = generation.load_for_generation(network_pkl, allow_code=allow_pickle_code,
+            sigma_init=sigma_init, device=device, sampler_kwargs=sampler_kwargs)
+        generation.check_class_idx(class_idx, meta.label_dim)
+    except generation.GenerationError as e:
+        if e.param:
+            raise click.BadParameter(str(e), param_hint=f'--{e.param}') from None
+        raise click.ClickException(str(e)) from None
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as e:
+        raise click.BadParameter(f'cannot create {outdir}: {e.strerror}', param_hint='--outdir') from None
+
+    # Rank r takes every world_size-th batch, so the processes share the work evenly.
+    batches = [seeds[i:i + max_batch_size] for i in range(0, len(seeds), max_batch_size)]
+    my_batches = batches[distributed.get_rank()::distributed.get_world_size()]
+    _echo0(f'Generating {len(seeds)} samples ({meta.kind}, {meta.nfe} network calls each) '
+        f'on {distributed.get_world_size()} process(es), device {device}...')
+
+    keep = dict() # seed -> output, for samples.npy and the grid
+    want_all = meta.is_vector or grid_path is not None
+    for i, batch_seeds in enumerate(my_batches):
+        out = sample(batch_seeds, class_idx).cpu()
+        if meta.is_vector or out.ndim == 2:
+            meta.is_vector = True
+            keep.update({seed: v.to(torch.float32).numpy() for seed, v in zip(batch_seeds, out)})
+        else:
+            images = sampling.to_uint8(out)
+            for seed, image in zip(batch_seeds, images):
+                sampling.save_image(image, _image_path(outdir, seed, subdirs))
+                if want_all:
+                    keep[seed] = image.numpy()
+        _echo0(f'batch {i + 1}/{len(my_batches)}')
+
+    # Everything below needs every process's outputs: gather them on rank 0.
+    if meta.is_vector or grid_path is not None:
+        stacked = _gather_in_seed_order(keep, seeds)
+        if distributed.is_main():
+            _write_collected(stacked, meta.is_vector, outdir, grid_path)
+    distributed.barrier()
+    _echo0('Done.')
+    distributed.shutdown()
+
+def _write_collected(stacked, is_vector, outdir, grid_path):
+    if grid_path is not None and os.path.dirname(grid_path):
+        os.makedirs(os.path.dirname(grid_path), exist_ok=True)
+    if is_vector:
+        _save_npy_atomically(stacked, os.path.join(outdir, 'samples.npy'))
+        sampling.save_scatter_png(stacked, os.path.join(outdir, 'scatter.png'))
+        if grid_path is not None: # the scatter plot is the "grid" of vector data
+            sampling.save_scatter_png(stacked, grid_path)
+    else:
+        sampling.save_image_grid(torch.from_numpy(stacked), grid_path)
+
+if __name__ == '__main__':
+    main() # pylint: disable=no-value-for-parameter

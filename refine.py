@@ -1,0 +1,110 @@
+"""Refine or distil a generator with a diffusion teacher, data-free.
+
+Examples:
+  # Distil an EDM teacher into a one-step generator with Diff-Instruct.
+  torchrun --nproc_per_node=8 refine.py --teacher edm.pkl --gen teacher --sigma-init 1.0 --outdir runs
+  # A 2-D Gaussian-mixture teacher (exact score) and an MLP generator.
+  python refine.py --teacher gmm:ring8 --gen mlp --outdir runs --kimg 200
+"""
+
+import glob
+import json
+import os
+import re
+
+import click
+
+import dnnlib
+from torch_utils import distributed
+
+DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, sigma_init=None,
+    kimg=200.0, tick=1.0, snap=10, seed=0, ema=0.5, fake_steps=None, mlp_hidden=256)
+
+# Settings that differ for exact (vector) teachers: small networks learn at higher rates.
+VECTOR_DEFAULTS = dict(lr=1e-3, glr=1e-4, batch=1024, ema=0.0)
+
+def _latest_state(path):
+    if os.path.isfile(path):
+        return path
+    states = sorted(glob.glob(os.path.join(path, 'training-state-*.pt')))
+    if not states:
+        raise click.BadParameter(f'no training-state-*.pt in {path}', param_hint='--resume')
+    return states[-1]
+
+def _next_run_dir(outdir, desc):
+    os.makedirs(outdir, exist_ok=True)
+    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in os.listdir(outdir)) if m]
+    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+def resolve_options(opts):
+    """Fill defaults that depend on the teacher kind; returns an EasyDict of final options."""
+    o = dnnlib.EasyDict(opts)
+    vector = o.teacher.startswith('gmm:')
+    for key, value in DEFAULTS.items():
+        if o.get(key) is None:
+            o[key] = VECTOR_DEFAULTS.get(key, value) if vector else value
+    if o.sigma_init is None and o.gen == 'teacher':
+        o.sigma_init = 1.0 # Diff-Instruct's README setting
+    return o
+
+@click.command(context_settings=dict(show_default=True))
+@click.option('--teacher',      help='Teacher: EDM pickle path/URL, or gmm:PRESET', metavar='PKL|gmm:NAME', type=str)
+@click.option('--gen',          help='Generator: teacher, mlp, or a pickle path/URL', metavar='SPEC', type=str, default='teacher')
+@click.option('--outdir',       help='Where to make the run directory', metavar='DIR', type=str)
+@click.option('--divergence',   help='Divergence to minimise', type=str, default=None)
+@click.option('--batch',        help='Global batch size (images per iteration)', type=click.IntRange(min=1), default=None)
+@click.option('--batch-gpu',    help='Images per process per accumulation round', type=click.IntRange(min=1), default=None)
+@click.option('--lr',           help='Fake-score learning rate', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--glr',          help='Generator learning rate', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--sigma-init',   help='Noise level of the one-step generator', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--fake-steps',   help='Fake-score updates per generator update', type=click.IntRange(min=1), default=None)
+@click.option('--ema',          help='EMA half-life of the generator [kimg]', type=click.FloatRange(min=0), default=None)
+@click.option('--kimg',         help='Training duration [kimg]', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--tick',         help='Progress interval [kimg]', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--snap',         help='Snapshot interval [ticks]', type=click.IntRange(min=1), default=None)
+@click.option('--seed',         help='Random seed', type=int, default=None)
+@click.option('--resume',       help='Continue a run: its directory or a training-state .pt', metavar='PATH', type=str)
+@click.option('--allow-pickle-code', help='Run code embedded in pickles (trusted files only)', is_flag=True)
+@click.option('--dry-run',      help='Print the resolved options and exit', is_flag=True)
+def main(**opts):
+    """Refine a generator with a diffusion teacher by minimising a diffusion divergence."""
+    from refine import run # pylint: disable=import-outside-toplevel (keeps --help fast)
+    distributed.init()
+    resume_state = None
+    if opts['resume']:
+        resume_state = _latest_state(opts['resume'])
+        run_dir = os.path.dirname(os.path.abspath(resume_state))
+        with open(os.path.join(run_dir, 'options.json')) as f:
+            saved = json.load(f)
+        if opts['kimg'] is not None:
+            saved['kimg'] = opts['kimg']
+        opts = dict(saved, resume=opts['resume'], dry_run=opts['dry_run'],
+            allow_pickle_code=opts['allow_pickle_code'])
+    else:
+        if not opts['teacher']:
+            raise click.BadParameter('a teacher is required', param_hint='--teacher')
+        if not opts['outdir'] and not opts['dry_run']:
+            raise click.BadParameter('an output directory is required', param_hint='--outdir')
+    o = resolve_options(opts)
+
+    try:
+        setup = run.prepare(o)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    distributed.print0(json.dumps(setup.summary, indent=2))
+    if o.dry_run:
+        return
+
+    if resume_state is None:
+        desc = f"{o.divergence}-{re.sub(r'[^A-Za-z0-9]+', '_', os.path.basename(o.teacher))[:40]}-gen_{os.path.basename(o.gen)[:20]}"
+        run_dir = _next_run_dir(o.outdir, desc) if distributed.is_main() else None
+        run_dir = distributed.all_gather_object(run_dir)[0]
+        if distributed.is_main():
+            os.makedirs(run_dir)
+            with open(os.path.join(run_dir, 'options.json'), 'w') as f:
+                json.dump({k: v for k, v in o.items() if k not in ('resume', 'dry_run')}, f, indent=2)
+    distributed.print0(f'Run directory: {run_dir}')
+    run.launch(setup, run_dir, resume_state=resume_state)
+
+if __name__ == '__main__':
+    main() # pylint: disable=no-value-for-parameter

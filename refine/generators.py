@@ -1,0 +1,75 @@
+"""Build the generator and the fake score that a refinement run starts from.
+
+`--gen` accepts
+  * `teacher`: a one-step generator initialised from the teacher, x = D(σ_init z, σ_init, c);
+  * `mlp`: an MLP latent-variable generator for vector data (Gaussian-mixture teachers);
+  * a pickle path or URL: one of our snapshots (its `G_ema`), or a Diff-Instruct / SiD /
+    EDM pickle whose `ema` network becomes a one-step generator at `--sigma-init`.
+"""
+
+import copy
+
+from torch_utils import safe_pickle
+from training import networks_generators, networks_mlp
+
+class SetupError(ValueError):
+    """A user's choice of generator, teacher or options that cannot work; one line."""
+
+def build_generator(spec, teacher, sigma_init=None, allow_code=False, mlp_kwargs=None):
+    if spec == 'teacher':
+        if not hasattr(teacher, 'net'):
+            raise SetupError("--gen teacher needs a network teacher; for a Gaussian-mixture teacher use --gen mlp")
+        return networks_generators.OneStepGenerator(copy.deepcopy(teacher.net), _need_sigma_init(sigma_init))
+    if spec == 'mlp':
+        if len(teacher.shape) != 1:
+            raise SetupError(f'--gen mlp makes vectors, but the teacher makes {tuple(teacher.shape)} images')
+        dim = teacher.shape[0]
+        net = networks_mlp.MLPGenerator(z_dim=dim, dim=dim, label_dim=teacher.label_dim,
+            out_scale=teacher.sigma_data, **(mlp_kwargs or {}))
+        return networks_generators.LatentGenerator(net)
+    return _generator_from_pickle(spec, sigma_init, allow_code)
+
+def _need_sigma_init(sigma_init):
+    if sigma_init is None or not sigma_init > 0:
+        raise SetupError('--sigma-init must be a positive noise level for a one-step generator')
+    return float(sigma_init)
+
+def _generator_from_pickle(path, sigma_init, allow_code):
+    try:
+        data = safe_pickle.load_network_pkl(path, allow_code=allow_code)
+    except (OSError, safe_pickle.UnsafePickleError) as e:
+        raise SetupError(f'--gen {path}: {e}') from None
+    if isinstance(data, dict) and 'G_ema' in data:
+        G = safe_pickle.require_module(data, 'G_ema', source=path)
+        if not hasattr(G, 'z_shape'):
+            raise SetupError(f"--gen {path}: its 'G_ema' has no z_shape; StyleGAN generators are not supported yet")
+        return copy.deepcopy(G)
+    if isinstance(data, dict) and 'ema' in data:
+        net = safe_pickle.require_module(data, 'ema', source=path)
+        if sigma_init is None and isinstance(data.get('sigma_init'), (int, float)):
+            sigma_init = data['sigma_init']
+        return networks_generators.OneStepGenerator(copy.deepcopy(net), _need_sigma_init(sigma_init))
+    raise SetupError(f"--gen {path}: found neither 'G_ema' nor 'ema' in the pickle")
+
+def build_fake_score(teacher, mlp_kwargs=None):
+    """D_psi: a trainable copy of the teacher network, or an MLP denoiser for exact teachers."""
+    if hasattr(teacher, 'net'):
+        fake = copy.deepcopy(teacher.net)
+    else:
+        fake = networks_mlp.MLPDenoiser(dim=teacher.shape[0], label_dim=teacher.label_dim,
+            sigma_data=teacher.sigma_data, **(mlp_kwargs or {}))
+    return fake.train().requires_grad_(True)
+
+def check_compatible(G, teacher):
+    """Refuse a generator whose samples the teacher cannot score, before any work."""
+    problems = []
+    if tuple(G.out_shape) != tuple(teacher.shape):
+        problems.append(f'the generator makes {tuple(G.out_shape)} samples, the teacher expects {tuple(teacher.shape)}')
+    if int(G.label_dim) != int(teacher.label_dim):
+        problems.append(f'the generator has {G.label_dim} class labels, the teacher {teacher.label_dim}')
+    if problems:
+        raise SetupError('incompatible --gen and --teacher: ' + '; '.join(problems))
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,236 @@
+"""The refinement loop: alternate fake-score and generator updates, keep an EMA, write results.
+
+It knows nothing about any particular divergence, teacher or generator: it is handed
+constructed objects and talks to them only through G(z, c), teacher/fake D(x, sigma, c) and the
+Divergence methods. Everything is counted in generator images (kimg). All random draws come
+from refine.rng, so a resumed run or a torchrun run reproduces one uninterrupted process.
+"""
+
+import copy
+import json
+import os
+import resource
+import time
+
+import torch
+
+import dnnlib
+from refine.rng import StreamRandom, derive_seed
+from torch_utils import distributed, persistence
+
+def refinement_loop(
+    run_dir,                        # Output directory (exists).
+    teacher,                        # Frozen teacher denoiser D_phi(x, sigma, c).
+    G,                              # Generator G(z, c) being refined.
+    fake,                           # Fake score D_psi, trained on the generator's samples.
+    divergence,                     # refine.divergences.Divergence.
+    batch_size          = 256,      # Global batch: generator images per iteration, all processes.
+    batch_gpu           = None,     # Images per process per accumulation round; None = no rounds.
+    g_lr                = 1e-5,     # Generator learning rate.
+    f_lr                = 1e-5,     # Fake-score learning rate.
+    betas               = (0.0, 0.999), # Adam betas of both optimizers.
+    ema_halflife_kimg   = 0.5,      # Half-life of the generator EMA.
+    ema_rampup          = 0.05,     # EMA ramp-up: half-life <= this fraction of images seen; None = off.
+    total_kimg          = 100,      # Training duration.
+    kimg_per_tick       = 1,        # Progress line and statistics interval.
+    snapshot_ticks      = 10,       # Snapshot (pickle, grid) interval in ticks; None = only at the end.
+    state_ticks         = None,     # Training-state interval in ticks; None = with the snapshots.
+    seed                = 0,        # Seed of every random draw.
+    resume_state        = None,     # training-state-*.pt to continue from.
+    snapshot_extra      = {},       # Items added to every snapshot (options needed to use it).
+    grid_size           = 64,       # Samples in each snapshot's PNG.
+    log                 = print,    # Progress output (rank 0 decides to print).
+):
+    device = distributed.device()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if batch_size % world != 0:
+        raise ValueError(f'--batch {batch_size} does not split over {world} processes')
+    local_batch = batch_size // world
+    batch_gpu = local_batch if batch_gpu is None else min(batch_gpu, local_batch)
+    if local_batch % batch_gpu != 0:
+        raise ValueError(f'--batch-gpu {batch_gpu} does not divide the per-process batch {local_batch}')
+    rounds = local_batch // batch_gpu
+    is_main = rank == 0
+    say = log if is_main else (lambda *_: None)
+
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    G = G.to(device).train().requires_grad_(True)
+    fake = fake.to(device).train().requires_grad_(True)
+    for module in (G, fake):
+        distributed.broadcast_module(module)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    g_opt = torch.optim.Adam(G.parameters(), lr=g_lr, betas=betas, eps=1e-8)
+    f_opt = torch.optim.Adam(fake.parameters(), lr=f_lr, betas=betas, eps=1e-8)
+    label_dim = getattr(G, 'label_dim', 0)
+
+    cur_nimg, cur_tick = 0, 0
+    if resume_state is not None:
+        state = torch.load(resume_state, map_location=device, weights_only=True)
+        G.load_state_dict(state['G'])
+        G_ema.load_state_dict(state['G_ema'])
+        fake.load_state_dict(state['fake'])
+        g_opt.load_state_dict(state['g_opt'])
+        f_opt.load_state_dict(state['f_opt'])
+        cur_nimg, cur_tick = state['cur_nimg'], state['cur_tick']
+        say(f'Resuming from {resume_state} at {cur_nimg / 1e3:.1f} kimg')
+
+    def draws(position, phase, part_round):
+        """This process's part of a phase's random draws, and a matching dropout seed."""
+        part = rank * rounds + part_round
+        torch.manual_seed(derive_seed(seed, position, phase, part, 'dropout'))
+        return StreamRandom(seed, position, phase, batch_size, part=part, parts=world * rounds, device=device)
+
+    def accumulate_and_step(module, optimizer, loss_of_round):
+        """Sum per-sample losses over rounds, average over the global batch, step."""
+        optimizer.zero_grad(set_to_none=True)
+        for r in range(rounds):
+            loss = loss_of_round(r)
+            (loss.sum() / batch_size).backward()
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        distributed.all_reduce_sum(flat)
+        torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(p)
+            offset += g.numel()
+        optimizer.step()
+
+    stats = _TickStats()
+    grid_z = StreamRandom(seed, 'grid', 'z', grid_size, device=device).randn(*G.z_shape)
+    grid_c = StreamRandom(seed, 'grid', 'c', grid_size, device=device).labels(label_dim)
+    start_time = tick_start_time = time.time()
+    tick_start_nimg = cur_nimg
+    done = cur_nimg >= total_kimg * 1000
+    say(f'Refining for {total_kimg} kimg: batch {batch_size} over {world} process(es), '
+        f'{rounds} round(s) of {batch_gpu}, divergence {divergence.name}')
+
+    while not done:
+        # Fake-score updates on detached generator samples.
+        for k in range(divergence.fake_steps):
+            def fake_round(r, k=k):
+                rnd = draws(cur_nimg, f'fake{k}', r)
+                z, c = rnd.randn(*G.z_shape), rnd.labels(label_dim)
+                with torch.no_grad():
+                    G.eval()
+                    x_g = G(z, c)
+                    G.train()
+                loss = divergence.fake_loss(fake, x_g, c, rnd)
+                stats.add('loss_fake', loss)
+                return loss
+            fake.train()
+            accumulate_and_step(fake, f_opt, fake_round)
+
+        # Generator update.
+        def gen_round(r):
+            rnd = draws(cur_nimg, 'gen', r)
+            z, c = rnd.randn(*G.z_shape), rnd.labels(label_dim)
+            loss, extra = divergence.generator_loss(teacher, fake, G(z, c), c, rnd)
+            stats.add('loss_gen', loss)
+            for name, value in extra.items():
+                stats.add(name, value)
+            return loss
+        fake.eval()
+        accumulate_and_step(G, g_opt, gen_round)
+        cur_nimg += batch_size
+
+        # EMA by half-life in images, ramped up early in training.
+        ema_nimg = ema_halflife_kimg * 1000
+        if ema_rampup is not None:
+            ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
+        beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
+        with torch.no_grad():
+            for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+                p_ema.copy_(p.detach().lerp(p_ema, beta))
+            for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+                b_ema.copy_(b)
+
+        done = cur_nimg >= total_kimg * 1000
+        if not done and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+            continue
+
+        # End of tick: statistics, progress, snapshots, training state.
+        cur_tick += 1
+        now = time.time()
+        summary = stats.reduce()
+        tick_kimg = (cur_nimg - tick_start_nimg) / 1e3
+        record = dict(tick=cur_tick, kimg=cur_nimg / 1e3, time=now - start_time,
+            sec_per_kimg=(now - tick_start_time) / max(tick_kimg, 1e-8),
+            maxrss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            peak_gpu_gb=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == 'cuda' else 0.0,
+            **summary)
+        say(' '.join([f"tick {cur_tick:<4d} kimg {record['kimg']:<8.1f}",
+            f"time {dnnlib.util.format_time(record['time']):<9s}",
+            f"sec/kimg {record['sec_per_kimg']:<7.2f}",
+            *[f'{k} {v["mean"]:<9.4g}' for k, v in summary.items() if k.startswith('loss')],
+            f"cpumem {record['maxrss_gb']:.2f}", f"gpumem {record['peak_gpu_gb']:.2f}"]))
+        if is_main:
+            with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+        snapshot_due = done or (snapshot_ticks is not None and cur_tick % snapshot_ticks == 0)
+        every = state_ticks if state_ticks is not None else snapshot_ticks
+        state_due = done or (every is not None and cur_tick % every == 0)
+        if snapshot_due and is_main:
+            kimg = cur_nimg // 1000
+            save_snapshot(os.path.join(run_dir, f'network-snapshot-{kimg:06d}.pkl'),
+                G_ema=G_ema, G=G, fake=fake, extra=dict(snapshot_extra, kimg=cur_nimg / 1e3))
+            save_sample_png(G_ema, grid_z, grid_c, os.path.join(run_dir, f'samples-{kimg:06d}.png'))
+        if state_due and is_main:
+            save_training_state(os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt'),
+                dict(G=G.state_dict(), G_ema=G_ema.state_dict(), fake=fake.state_dict(),
+                    g_opt=g_opt.state_dict(), f_opt=f_opt.state_dict(),
+                    cur_nimg=cur_nimg, cur_tick=cur_tick))
+        distributed.barrier()
+        tick_start_nimg, tick_start_time = cur_nimg, time.time()
+
+    say('Done.')
+    return dnnlib.EasyDict(G=G, G_ema=G_ema, fake=fake, cur_nimg=cur_nimg)
+
+#----------------------------------------------------------------------------
+
+class _TickStats:
+    """Per-tick means and standard deviations of per-sample values, over all processes."""
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, name, values):
+        v = values.detach().to(torch.float64).flatten()
+        acc = self.sums.setdefault(name, torch.zeros(3, dtype=torch.float64, device=v.device))
+        acc += torch.stack([torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device), v.sum(), v.square().sum()])
+
+    def reduce(self):
+        out = {}
+        for name in sorted(self.sums):
+            acc = self.sums[name]
+            distributed.all_reduce_sum(acc)
+            n, s, ss = acc.tolist()
+            mean = s / max(n, 1)
+            out[name] = dict(num=int(n), mean=mean, std=max(ss / max(n, 1) - mean ** 2, 0) ** 0.5)
+        self.sums = {}
+        return out
+
+def save_snapshot(path, G_ema, G, fake, extra):
+    """NVlabs-format pickle of the networks (CPU, eval, frozen) plus the options to use them."""
+    def frozen(module):
+        return copy.deepcopy(module).eval().requires_grad_(False).cpu()
+    data = dict(G_ema=frozen(G_ema), G=frozen(G), fake=frozen(fake))
+    if hasattr(data['G_ema'], 'sigma_init'): # SiD / Diff-Instruct tools read 'ema' at sigma_init
+        data['ema'] = data['G_ema'].net
+    data.update(extra)
+    persistence.save_network_pkl(data, path)
+
+def save_training_state(path, state):
+    tmp = f'{path}.tmp-{os.getpid()}'
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+def save_sample_png(G, z, c, path):
+    from refine import sampling # pylint: disable=import-outside-toplevel
+    with torch.no_grad():
+        x = G(z, c).cpu()
+    if getattr(G, 'is_vector', False):
+        sampling.save_scatter_png(x[:, :2].numpy(), path)
+    else:
+        sampling.save_image_grid(x, path)

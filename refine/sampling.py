@@ -1,0 +1,185 @@
+"""The EDM deterministic/stochastic Heun sampler, per-seed random draws, and image writing.
+
+`edm_sampler` follows Karras et al. 2022 (Algorithm 2) with the options and the order of
+random draws of EDM's generate.py, so that the same pickle and seeds give the same images.
+"""
+
+import math
+import os
+import uuid
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+
+#----------------------------------------------------------------------------
+# Noise levels and the sampler.
+
+def karras_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=7, round_sigma=None,
+        device=None):
+    """The N noise levels t_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho,
+    each passed through `round_sigma`, followed by t_N = 0. Float64, shape [N+1]."""
+    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    frac = i / max(num_steps - 1, 1) # N=1 gives just sigma_max instead of 0/0
+    t = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    if round_sigma is not None:
+        t = round_sigma(t)
+    return torch.cat([torch.as_tensor(t), torch.zeros_like(t[:1])])
+
+def edm_sampler(net, latents, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80,
+        rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, randn_like=torch.randn_like):
+    """Sample by integrating the probability-flow ODE (plus optional churn) from sigma_max to 0.
+
+    `net(x, sigma, class_labels)` is an EDM denoiser; `latents` are unit Gaussian noise.
+    Uses 2*num_steps - 1 network evaluations and returns float64 samples.
+    """
+    # The schedule must stay inside what the network supports.
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+    t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho, net.round_sigma, latents.device)
+    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
+
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        # Churn: raise the noise level to t_hat by adding fresh noise.
+        gamma = gamma_max if S_min <= t_cur <= S_max else 0
+        t_hat = net.round_sigma(t_cur + gamma * t_cur)
+        x_hat = x_cur
+        if S_churn > 0: # draw on every step once churn is on, as EDM does, to keep its noise stream
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+
+        # Euler step from t_hat to t_next.
+        denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+
+        # Heun (2nd-order) correction, except into sigma = 0 where d is undefined.
+        if i < num_steps - 1:
+            denoised = net(x_next, t_next, class_labels).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+#----------------------------------------------------------------------------
+# Per-seed random draws.
+
+class StackedRandomGenerator:
+    """One torch.Generator per sample, seeded with that sample's seed.
+
+    Every draw is made per sample and stacked, so what a seed gets does not depend on which
+    other seeds share its batch (nor on the batch size or the number of processes).
+    """
+
+    def __init__(self, device, seeds):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(seed) % (1 << 32))
+            for seed in seeds]
+
+    def randn(self, size, **kwargs):
+        assert size[0] == len(self.generators), 'the first dimension must be the number of seeds'
+        kwargs['device'] = self.device # the generators' device; EDM-style callers pass it too
+        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+    def randn_like(self, x):
+        return self.randn(x.shape, dtype=x.dtype, layout=x.layout)
+
+    def randint(self, *args, size, **kwargs):
+        assert size[0] == len(self.generators), 'the first dimension must be the number of seeds'
+        kwargs['device'] = self.device
+        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs)
+            for gen in self.generators])
+
+#----------------------------------------------------------------------------
+# Images.
+
+def to_uint8(x):
+    """Float images in [-1, 1] to uint8, the EDM way: (x*127.5+128).clip(0,255)."""
+    return (torch.as_tensor(x) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+def _as_uint8_nchw(images):
+    images = torch.as_tensor(images).detach().cpu()
+    if images.dtype != torch.uint8:
+        images = to_uint8(images)
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f'expected images shaped [N, 1 or 3, H, W], got {list(images.shape)}')
+    return images
+
+def _save_png_atomically(array_hwc, path):
+    """Write a PNG under a temporary name first, so a crash never leaves half an image."""
+    # uint8 HxW becomes mode 'L', uint8 HxWx3 mode 'RGB'.
+    array = array_hwc[:, :, 0] if array_hwc.shape[2] == 1 else array_hwc
+    image = PIL.Image.fromarray(np.ascontiguousarray(array))
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}')
+    try:
+        image.save(tmp_path, format='PNG')
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+def save_image(image, path):
+    """Save one image (CHW, uint8 or float in [-1, 1]) as a grayscale or RGB PNG."""
+    array = _as_uint8_nchw(image)[0].permute(1, 2, 0).numpy()
+    _save_png_atomically(array, path)
+
+def save_image_grid(images, path, grid_w=None):
+    """Save images (NCHW, uint8 or float in [-1, 1]) as one PNG, row by row, grid_w per row."""
+    images = _as_uint8_nchw(images)
+    n, c, h, w = images.shape
+    grid_w = grid_w or max(int(math.ceil(math.sqrt(n))), 1)
+    grid_h = max(int(math.ceil(n / grid_w)), 1)
+    canvas = torch.zeros([grid_h * grid_w, c, h, w], dtype=torch.uint8)
+    canvas[:n] = images
+    canvas = canvas.reshape(grid_h, grid_w, c, h, w).permute(0, 3, 1, 4, 2) # gh, h, gw, w, c
+    _save_png_atomically(canvas.reshape(grid_h * h, grid_w * w, c).numpy(), path)
+
+def save_scatter_png(points, path, size=512, margin=48, num_ticks=5):
+    """Scatter plot of points [N, >=1] (first two coordinates) as a size x size PNG.
+
+    Both axes share one scale (a circle stays a circle), chosen to fit every finite point.
+    Drawn with PIL alone, to spare a plotting dependency.
+    """
+    pts = np.asarray(torch.as_tensor(points).detach().cpu().to(torch.float64))
+    pts = pts.reshape(len(pts), -1)
+    xy = np.zeros([len(pts), 2])
+    xy[:, :min(pts.shape[1], 2)] = pts[:, :2]
+    xy = xy[np.isfinite(xy).all(axis=1)]
+
+    # One square data window around the points, 5% padding, never of zero size.
+    if len(xy):
+        center = (xy.min(0) + xy.max(0)) / 2
+        half = float((xy.max(0) - xy.min(0)).max()) / 2 * 1.05
+    else:
+        center, half = np.zeros(2), 1.0
+    half = half if half > 0 else 1.0
+    lo, span = center - half, 2 * half
+    inner = size - 2 * margin
+
+    def to_px(v, axis): # data -> pixel; the y axis points up
+        p = (v - lo[axis]) / span * (inner - 1)
+        return margin + p if axis == 0 else size - 1 - margin - p
+
+    canvas = np.full([size, size, 3], 255, dtype=np.uint8)
+    px = np.round(to_px(xy[:, 0], 0)).astype(np.int64)
+    py = np.round(to_px(xy[:, 1], 1)).astype(np.int64)
+    for dx in (0, 1): # 2x2 dots
+        for dy in (0, 1):
+            canvas[np.clip(py + dy, 0, size - 1), np.clip(px + dx, 0, size - 1)] = (31, 119, 180)
+
+    image = PIL.Image.fromarray(canvas)
+    draw = PIL.ImageDraw.Draw(image)
+    draw.rectangle([margin - 2, margin - 2, size - margin + 1, size - margin + 1], outline=(0, 0, 0))
+    for k in range(num_ticks):
+        value_x = lo[0] + span * k / (num_ticks - 1)
+        value_y = lo[1] + span * k / (num_ticks - 1)
+        x, y = to_px(value_x, 0), to_px(value_y, 1)
+        draw.line([x, size - margin + 1, x, size - margin + 6], fill=(0, 0, 0))
+        draw.text((x - 12, size - margin + 8), f'{value_x:.3g}', fill=(0, 0, 0))
+        draw.line([margin - 7, y, margin - 2, y], fill=(0, 0, 0))
+        draw.text((2, y - 5), f'{value_y:.3g}', fill=(0, 0, 0))
+    _save_png_atomically(np.asarray(image), path)

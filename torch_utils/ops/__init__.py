@@ -1,0 +1,1 @@
+"""Pure-PyTorch implementations of the ops that NVlabs-style network sources import."""
