@@ -12,7 +12,6 @@ Examples:
 """
 
 import os
-import sys
 
 import click
 import numpy as np

@@ -13,15 +13,10 @@ import os
 import re
 
 import click
+import torch
 
-import dnnlib
+from refine import run
 from torch_utils import distributed
-
-DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, sigma_init=None,
-    kimg=200.0, tick=1.0, snap=10, seed=0, ema=0.5, fake_steps=None, mlp_hidden=256)
-
-# Settings that differ for exact (vector) teachers: small networks learn at higher rates.
-VECTOR_DEFAULTS = dict(lr=1e-3, glr=1e-4, batch=1024, ema=0.0)
 
 def _latest_state(path):
     if os.path.isfile(path):
@@ -35,17 +30,6 @@ def _next_run_dir(outdir, desc):
     os.makedirs(outdir, exist_ok=True)
     ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in os.listdir(outdir)) if m]
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
-
-def resolve_options(opts):
-    """Fill defaults that depend on the teacher kind; returns an EasyDict of final options."""
-    o = dnnlib.EasyDict(opts)
-    vector = o.teacher.startswith('gmm:')
-    for key, value in DEFAULTS.items():
-        if o.get(key) is None:
-            o[key] = VECTOR_DEFAULTS.get(key, value) if vector else value
-    if o.sigma_init is None and o.gen == 'teacher':
-        o.sigma_init = 1.0 # Diff-Instruct's README setting
-    return o
 
 @click.command(context_settings=dict(show_default=True))
 @click.option('--teacher',      help='Teacher: EDM pickle path/URL, or gmm:PRESET', metavar='PKL|gmm:NAME', type=str)
@@ -68,7 +52,6 @@ def resolve_options(opts):
 @click.option('--dry-run',      help='Print the resolved options and exit', is_flag=True)
 def main(**opts):
     """Refine a generator with a diffusion teacher by minimising a diffusion divergence."""
-    from refine import run # pylint: disable=import-outside-toplevel (keeps --help fast)
     distributed.init()
     resume_state = None
     if opts['resume']:
@@ -85,8 +68,9 @@ def main(**opts):
             raise click.BadParameter('a teacher is required', param_hint='--teacher')
         if not opts['outdir'] and not opts['dry_run']:
             raise click.BadParameter('an output directory is required', param_hint='--outdir')
-    o = resolve_options(opts)
+    o = run.resolve_options(opts)
 
+    torch.manual_seed(o.seed) # initial weights of built networks (MLPs) depend on it
     try:
         setup = run.prepare(o)
     except (ValueError, OSError) as e:

@@ -7,7 +7,6 @@ from refine.rng, so a resumed run or a torchrun run reproduces one uninterrupted
 """
 
 import copy
-import json
 import os
 import resource
 import time
@@ -16,7 +15,7 @@ import torch
 
 import dnnlib
 from refine.rng import StreamRandom, derive_seed
-from torch_utils import distributed, persistence
+from torch_utils import distributed, persistence, training_stats
 
 def refinement_loop(
     run_dir,                        # Output directory (exists).
@@ -38,7 +37,7 @@ def refinement_loop(
     seed                = 0,        # Seed of every random draw.
     resume_state        = None,     # training-state-*.pt to continue from.
     snapshot_extra      = {},       # Items added to every snapshot (options needed to use it).
-    grid_size           = 64,       # Samples in each snapshot's PNG.
+    grid_size           = 64,       # Images in each snapshot's PNG (vector data: 2048 points).
     log                 = print,    # Progress output (rank 0 decides to print).
 ):
     device = distributed.device()
@@ -97,9 +96,10 @@ def refinement_loop(
             offset += g.numel()
         optimizer.step()
 
-    stats = _TickStats()
-    grid_z = StreamRandom(seed, 'grid', 'z', grid_size, device=device).randn(*G.z_shape)
-    grid_c = StreamRandom(seed, 'grid', 'c', grid_size, device=device).labels(label_dim)
+    stats = training_stats.Collector()
+    grid_n = 2048 if getattr(G, 'is_vector', False) else grid_size # a scatter plot needs more points
+    grid_z = StreamRandom(seed, 'grid', 'z', grid_n, device=device).randn(*G.z_shape)
+    grid_c = StreamRandom(seed, 'grid', 'c', grid_n, device=device).labels(label_dim)
     start_time = tick_start_time = time.time()
     tick_start_nimg = cur_nimg
     done = cur_nimg >= total_kimg * 1000
@@ -117,7 +117,7 @@ def refinement_loop(
                     x_g = G(z, c)
                     G.train()
                 loss = divergence.fake_loss(fake, x_g, c, rnd)
-                stats.add('loss_fake', loss)
+                training_stats.report('loss_fake', loss)
                 return loss
             fake.train()
             accumulate_and_step(fake, f_opt, fake_round)
@@ -127,9 +127,9 @@ def refinement_loop(
             rnd = draws(cur_nimg, 'gen', r)
             z, c = rnd.randn(*G.z_shape), rnd.labels(label_dim)
             loss, extra = divergence.generator_loss(teacher, fake, G(z, c), c, rnd)
-            stats.add('loss_gen', loss)
+            training_stats.report('loss_gen', loss)
             for name, value in extra.items():
-                stats.add(name, value)
+                training_stats.report(name, value)
             return loss
         fake.eval()
         accumulate_and_step(G, g_opt, gen_round)
@@ -153,7 +153,7 @@ def refinement_loop(
         # End of tick: statistics, progress, snapshots, training state.
         cur_tick += 1
         now = time.time()
-        summary = stats.reduce()
+        summary = stats.update().as_dict()
         tick_kimg = (cur_nimg - tick_start_nimg) / 1e3
         record = dict(tick=cur_tick, kimg=cur_nimg / 1e3, time=now - start_time,
             sec_per_kimg=(now - tick_start_time) / max(tick_kimg, 1e-8),
@@ -166,8 +166,7 @@ def refinement_loop(
             *[f'{k} {v["mean"]:<9.4g}' for k, v in summary.items() if k.startswith('loss')],
             f"cpumem {record['maxrss_gb']:.2f}", f"gpumem {record['peak_gpu_gb']:.2f}"]))
         if is_main:
-            with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            training_stats.append_jsonl(os.path.join(run_dir, 'stats.jsonl'), record)
 
         snapshot_due = done or (snapshot_ticks is not None and cur_tick % snapshot_ticks == 0)
         every = state_ticks if state_ticks is not None else snapshot_ticks
@@ -189,27 +188,6 @@ def refinement_loop(
     return dnnlib.EasyDict(G=G, G_ema=G_ema, fake=fake, cur_nimg=cur_nimg)
 
 #----------------------------------------------------------------------------
-
-class _TickStats:
-    """Per-tick means and standard deviations of per-sample values, over all processes."""
-    def __init__(self):
-        self.sums = {}
-
-    def add(self, name, values):
-        v = values.detach().to(torch.float64).flatten()
-        acc = self.sums.setdefault(name, torch.zeros(3, dtype=torch.float64, device=v.device))
-        acc += torch.stack([torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device), v.sum(), v.square().sum()])
-
-    def reduce(self):
-        out = {}
-        for name in sorted(self.sums):
-            acc = self.sums[name]
-            distributed.all_reduce_sum(acc)
-            n, s, ss = acc.tolist()
-            mean = s / max(n, 1)
-            out[name] = dict(num=int(n), mean=mean, std=max(ss / max(n, 1) - mean ** 2, 0) ** 0.5)
-        self.sums = {}
-        return out
 
 def save_snapshot(path, G_ema, G, fake, extra):
     """NVlabs-format pickle of the networks (CPU, eval, frozen) plus the options to use them."""

@@ -6,6 +6,24 @@ from refine.divergences import make_divergence
 from refine.loop import refinement_loop
 from torch_utils import distributed
 
+DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, sigma_init=None,
+    kimg=200.0, tick=1.0, snap=10, seed=0, ema=0.5, fake_steps=None, mlp_hidden=256)
+
+# Settings for Gaussian-mixture (vector) teachers: small MLPs learn at higher rates, and the
+# fake score needs several updates per generator update to keep up (tuned on ring8, see README).
+VECTOR_DEFAULTS = dict(lr=3e-3, glr=1e-3, batch=256, ema=5.0, fake_steps=4, mlp_hidden=128)
+
+def resolve_options(opts):
+    """Fill defaults that depend on the teacher kind; returns an EasyDict of final options."""
+    o = dnnlib.EasyDict(opts)
+    vector = o.teacher.startswith('gmm:')
+    for key, value in DEFAULTS.items():
+        if o.get(key) is None:
+            o[key] = VECTOR_DEFAULTS.get(key, value) if vector else value
+    if o.sigma_init is None and o.gen == 'teacher':
+        o.sigma_init = 1.0 # Diff-Instruct's README setting
+    return o
+
 def prepare(o):
     """Build teacher, generator, fake score and divergence, and check that they fit together.
 

@@ -114,3 +114,21 @@ def mean_log_likelihood(x, teacher):
     return float(teacher.log_prob(x.reshape(x.shape[0], -1).to(torch.float64)).mean())
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_generator(G, teacher, n=10000, seed=0):
+    """Every toy metric of a vector generator against its Gaussian-mixture teacher.
+
+    Student and reference samples are 10k each by default; the noise floor is the MMD between
+    two independent exact sample sets of the same size.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = G(torch.randn([n, *G.z_shape], generator=g)).cpu()
+    y = teacher.sample(n, generator=torch.Generator().manual_seed(seed + 1))
+    y2 = teacher.sample(n, generator=torch.Generator().manual_seed(seed + 2))
+    coverage = mode_coverage(x, teacher)
+    return dict(mmd=mmd_rbf(x, y), mmd_floor=mmd_rbf(y2, y), covered=coverage['covered'],
+        modes=coverage['total'], on_mode=coverage['quality'], weight_error=coverage['weight_error'],
+        loglik=mean_log_likelihood(x, teacher), loglik_true=mean_log_likelihood(y, teacher), samples=x)

@@ -191,12 +191,12 @@ def _module_tree_items(state, prefix=''):
         child_state = child.state if isinstance(child, PickledObject) else child.__dict__
         yield from _module_tree_items(child_state, f'{prefix}{name}.')
 
-def _rebuild(record):
+def _rebuild(record, memo):
     cls = find_known_class(record.class_name, record.module_src)
     if cls is None:
         return UnknownPersistentObject(record)
-    args = _rebuild_all(record.state.get('_init_args') or ())
-    kwargs = _rebuild_all(record.state.get('_init_kwargs') or {})
+    args = _rebuild_all(record.state.get('_init_args') or (), memo)
+    kwargs = _rebuild_all(record.state.get('_init_kwargs') or {}, memo)
     with torch.random.fork_rng(devices=[]): # constructing must not disturb the caller's RNG
         obj = cls(*args, **kwargs)
     if not isinstance(obj, torch.nn.Module):
@@ -227,16 +227,22 @@ def _rebuild(record):
             param.requires_grad_(tensors[name].requires_grad)
     return obj
 
-def _rebuild_all(obj):
-    """Replace every PickledObject inside plain containers by its rebuilt object."""
+def _rebuild_all(obj, memo):
+    """Replace every PickledObject inside plain containers by its rebuilt object.
+
+    `memo` maps id(record) -> rebuilt object, so that a record referenced twice (a snapshot's
+    'ema' that is also its G_ema's inner network) becomes one shared object, as in the pickle.
+    """
     if isinstance(obj, PickledObject):
-        return _rebuild(obj)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, _rebuild(obj, memo)) # keep obj alive: ids stay unique
+        return memo[id(obj)][1]
     if isinstance(obj, dnnlib.EasyDict):
-        return dnnlib.EasyDict({k: _rebuild_all(v) for k, v in obj.items()})
+        return dnnlib.EasyDict({k: _rebuild_all(v, memo) for k, v in obj.items()})
     if isinstance(obj, dict):
-        return type(obj)((k, _rebuild_all(v)) for k, v in obj.items())
+        return type(obj)((k, _rebuild_all(v, memo)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_rebuild_all(v) for v in obj)
+        return type(obj)(_rebuild_all(v, memo) for v in obj)
     return obj
 
 #----------------------------------------------------------------------------
@@ -250,7 +256,7 @@ def load(file, allow_code=False):
     """
     if allow_code:
         return persistence.load(file, allow_code=True)
-    return _rebuild_all(_RestrictedUnpickler(file).load())
+    return _rebuild_all(_RestrictedUnpickler(file).load(), memo={})
 
 def load_network_pkl(url_or_path, allow_code=False):
     """Open a path or URL (download cache as in dnnlib.util.open_url) and load it."""
