@@ -5,3 +5,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# One intra-op thread: the tests' networks are tiny, and on a 2-core machine that is busy with
+# anything else, torch's spinning worker threads make small ops tens of times slower.
+import torch # pylint: disable=wrong-import-position
+torch.set_num_threads(1)
