@@ -8,10 +8,14 @@ scatter plots (target, before, after) to out/demo/ring8-di/. Takes about a minut
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from refine import toy_experiment # pylint: disable=wrong-import-position
 
 def main():
+    # Small MLPs gain nothing from a second intra-op thread, and lose badly on a busy machine.
+    torch.set_num_threads(1)
     print('Refining an MLP generator on gmm:ring8 with Diff-Instruct (300 kimg) ...', flush=True)
     r = toy_experiment.refine_preset('ring8', 'out/demo', divergence='di', kimg=300,
         log=lambda line: print(line, flush=True))

@@ -12,6 +12,7 @@ import os
 import sys
 
 import click
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from refine import toy_experiment # pylint: disable=wrong-import-position
@@ -33,6 +34,8 @@ def table_row(r):
 @click.option('--seed', default=0, show_default=True)
 @click.option('--outdir', default='out/bench-gmm', show_default=True)
 def main(presets, divergences, kimg, seed, outdir):
+    # Small MLPs gain nothing from a second intra-op thread, and lose badly on a busy machine.
+    torch.set_num_threads(1)
     rows = []
     for divergence in divergences.split(','):
         for preset in presets.split(','):
