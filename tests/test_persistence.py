@@ -202,13 +202,13 @@ def test_restricted_unpickler_refuses_other_globals(tmp_path):
 
 def test_snapshot_with_unknown_extras_still_gives_network():
     net = make_net('edm-ddpmpp')
-    loss = _Forged('EDMLoss', 'class EDMLoss: pass\n', dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5))
+    loss = _Forged('AugmentPipe', 'class AugmentPipe: pass\n', dict(p=0.1))
     data = safe_pickle.load(io.BytesIO(dump(dict(ema=net, loss_fn=loss, augment_pipe=None,
         dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset')))))
     assert isinstance(safe_pickle.require_module(data, 'ema'), networks_edm.EDMPrecond)
-    assert data['loss_fn'].class_name == 'EDMLoss'
-    with pytest.raises(safe_pickle.UnsafePickleError, match='EDMLoss'):
-        data['loss_fn'].P_mean
+    assert data['loss_fn'].class_name == 'AugmentPipe'
+    with pytest.raises(safe_pickle.UnsafePickleError, match='AugmentPipe'):
+        data['loss_fn'].p
     with pytest.raises(safe_pickle.UnsafePickleError, match="no 'G_ema' entry"):
         safe_pickle.require_module(data, 'G_ema')
 
@@ -284,3 +284,10 @@ def test_save_network_pkl_is_atomic(tmp_path):
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == [path.name]
     assert isinstance(safe_pickle.load(open(path, 'rb'))['ema'], networks_edm.EDMPrecond)
+
+def test_plain_persistent_object_keeps_its_pickled_attributes():
+    from training import loss as loss_module # pylint: disable=import-outside-toplevel
+    state = dict(_init_args=(), _init_kwargs=dict(P_mean=-1.2), P_mean=-0.4, P_std=1.2, sigma_data=0.5)
+    loaded = safe_pickle.load(io.BytesIO(dump(_Forged('EDMLoss', 'class EDMLoss: pass\n', state))))
+    assert type(loaded) is loss_module.EDMLoss
+    assert (loaded.P_mean, loaded.P_std, loaded.sigma_data) == (-0.4, 1.2, 0.5)

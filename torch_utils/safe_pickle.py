@@ -36,6 +36,7 @@ KNOWN_CLASS_MODULES = {
     'training.networks_edm': None,
     'training.networks_mlp': None,
     'training.networks_generators': None,
+    'training.loss': None,
 }
 
 ALLOW_CODE_HINT = 'pass --allow-pickle-code (allow_code=True) only if you trust the file'
@@ -200,6 +201,9 @@ def _rebuild(record, memo):
     with torch.random.fork_rng(devices=[]): # constructing must not disturb the caller's RNG
         obj = cls(*args, **kwargs)
     if not isinstance(obj, torch.nn.Module):
+        # A plain object (EDMLoss, say) keeps its pickled attributes, as NVlabs loading does;
+        # they passed the restricted unpickler, so they are data.
+        obj.__dict__.update(_rebuild_all(dict(record.state), memo))
         return obj
 
     tensors, flags = dict(), dict()

@@ -1,0 +1,217 @@
+"""Train an EDM denoiser on an image dataset: the library side of train.py.
+
+One flat loop, counted in training images (kimg). Every random draw comes from a seed derived
+from (seed, images seen so far, process part), and the data order from an InfiniteSampler whose
+position is restored, so a run resumed from its training state reproduces an uninterrupted run
+bit for bit. Each global batch is cut into parts (processes x accumulation rounds) that draw their
+own noise, so results depend on the number of parts, not on how they are spread: 2 processes
+give the same weights as 1 process with --batch-gpu of half the batch.
+"""
+
+import collections
+import copy
+import itertools
+import os
+import resource
+import time
+
+import torch
+
+import dnnlib
+from refine.rng import derive_seed
+from torch_utils import distributed, misc, persistence, training_stats
+
+class GlobalBatchSlices(torch.utils.data.Sampler):
+    """This process's slice of each global batch, one list of indices per accumulation round.
+
+    Every process walks the same global stream of indices (skipping the `start` images already
+    trained on) and takes part `rank * rounds + r` of each batch, as refine.rng does for noise.
+    """
+
+    def __init__(self, dataset, seed, start, batch_size, rank, world, rounds):
+        super().__init__()
+        self.dataset, self.seed, self.start = dataset, seed, start
+        self.batch_size, self.rank, self.rounds = batch_size, rank, rounds
+        self.part_size = batch_size // (world * rounds)
+
+    def __iter__(self):
+        stream = iter(misc.InfiniteSampler(self.dataset, seed=self.seed))
+        collections.deque(itertools.islice(stream, self.start), maxlen=0) # fast-forward
+        while True:
+            batch = list(itertools.islice(stream, self.batch_size))
+            for r in range(self.rounds):
+                lo = (self.rank * self.rounds + r) * self.part_size
+                yield batch[lo:lo + self.part_size]
+
+def training_loop(
+    run_dir             = '.',      # Output directory (exists).
+    dataset_kwargs      = {},       # Options of the dataset (class_name included).
+    data_loader_kwargs  = {},       # Options of torch.utils.data.DataLoader (num_workers, ...).
+    network_kwargs      = {},       # Options of the preconditioned network (class_name included).
+    loss_kwargs         = {},       # Options of the loss (class_name included).
+    optimizer_kwargs    = {},       # Options of torch.optim.Adam (lr, betas, eps).
+    seed                = 0,        # Seed of every random draw.
+    batch_size          = 512,      # Global batch: images per iteration, all processes.
+    batch_gpu           = None,     # Images per process per accumulation round; None = no rounds.
+    total_kimg          = 200000,   # Training duration.
+    ema_halflife_kimg   = 500,      # Half-life of the EMA of the weights.
+    ema_rampup_ratio    = 0.05,     # EMA ramp-up: half-life <= this fraction of images seen; None = off.
+    lr_rampup_kimg      = 10000,    # Learning rate rises linearly to its value over this many images.
+    kimg_per_tick       = 50,       # Progress line and statistics interval.
+    snapshot_ticks      = 50,       # Snapshot (pickle, sample grid) interval in ticks; None = only at the end.
+    state_dump_ticks    = 500,      # Training-state interval in ticks; None = only at the end.
+    resume_state        = None,     # training-state-*.pt to continue from.
+    grid_seeds          = 64,       # Images in each snapshot's sample grid; 0 = no grid.
+    grid_steps          = 18,       # Heun steps of the sample grid.
+    log                 = print,    # Progress output (only rank 0 prints).
+):
+    device = distributed.device()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if batch_size % world != 0:
+        raise ValueError(f'--batch {batch_size} does not split over {world} processes')
+    local_batch = batch_size // world
+    batch_gpu = local_batch if batch_gpu is None else min(batch_gpu, local_batch)
+    if local_batch % batch_gpu != 0:
+        raise ValueError(f'--batch-gpu {batch_gpu} does not divide the per-process batch {local_batch}')
+    rounds = local_batch // batch_gpu
+    is_main = rank == 0
+    say = log if is_main else (lambda *_: None)
+
+    # Data, network, loss, optimizer.
+    dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    torch.manual_seed(derive_seed(seed, 'init')) # initial weights: the same on every rank
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, img_resolution=dataset.resolution,
+        img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    net = net.to(device).train().requires_grad_(True)
+    distributed.broadcast_module(net)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    optimizer = torch.optim.Adam(net.parameters(), **optimizer_kwargs)
+    base_lr = optimizer_kwargs['lr']
+
+    cur_nimg, cur_tick = 0, 0
+    if resume_state is not None:
+        state = torch.load(resume_state, map_location=device, weights_only=True)
+        net.load_state_dict(state['net'])
+        ema.load_state_dict(state['ema'])
+        optimizer.load_state_dict(state['optimizer_state'])
+        cur_nimg, cur_tick = state['cur_nimg'], state['cur_tick']
+        say(f'Resuming from {resume_state} at {cur_nimg / 1e3:.3f} kimg')
+
+    sampler = GlobalBatchSlices(dataset, seed=derive_seed(seed, 'data') % (1 << 32), start=cur_nimg,
+        batch_size=batch_size, rank=rank, world=world, rounds=rounds)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+        pin_memory=device.type == 'cuda', **data_loader_kwargs)
+    data = iter(loader)
+
+    num_params = sum(p.numel() for p in net.parameters())
+    say(f'Training {type(net).__name__}({network_kwargs.get("model_type")}, {num_params / 1e6:.2f} M params) '
+        f'on {dataset.name}: {len(dataset)} images, {dataset.resolution}x{dataset.resolution}x'
+        f'{dataset.num_channels}, {dataset.label_dim} labels')
+    say(f'Batch {batch_size} over {world} process(es), {rounds} round(s) of {batch_gpu}; '
+        f'{total_kimg} kimg from {cur_nimg / 1e3:.3f}')
+
+    stats = training_stats.Collector()
+    start_time = tick_start_time = time.time()
+    tick_start_nimg = cur_nimg
+    done = cur_nimg >= total_kimg * 1000
+    while not done:
+        # Gradients summed over rounds and processes, averaged over the global batch.
+        optimizer.zero_grad(set_to_none=True)
+        for r in range(rounds):
+            images, labels = next(data)
+            images = images.to(device).to(torch.float32) / 127.5 - 1
+            labels = labels.to(device)
+            torch.manual_seed(derive_seed(seed, cur_nimg, 'loss', rank * rounds + r)) # sigma, noise, dropout
+            loss = loss_fn(net=net, images=images, labels=labels, augment_pipe=None)
+            training_stats.report('Loss/loss', loss)
+            (loss.sum() / batch_size).backward()
+        lr = base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        params = [p for p in net.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        distributed.all_reduce_sum(flat)
+        torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(p)
+            offset += g.numel()
+        optimizer.step()
+
+        # EMA by half-life in images, ramped up early in training.
+        ema_nimg = ema_halflife_kimg * 1000
+        if ema_rampup_ratio is not None:
+            ema_nimg = min(ema_nimg, cur_nimg * ema_rampup_ratio)
+        beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.copy_(p.detach().lerp(p_ema, beta))
+            for b_ema, b in zip(ema.buffers(), net.buffers()):
+                b_ema.copy_(b)
+
+        cur_nimg += batch_size
+        done = cur_nimg >= total_kimg * 1000
+        if not done and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+            continue
+
+        # End of tick: statistics, progress, snapshots, training state.
+        cur_tick += 1
+        now = time.time()
+        summary = stats.update().as_dict()
+        tick_nimg = cur_nimg - tick_start_nimg
+        record = dict(tick=cur_tick, kimg=cur_nimg / 1e3, time=now - start_time,
+            sec_per_kimg=(now - tick_start_time) / max(tick_nimg / 1e3, 1e-8),
+            img_per_sec=tick_nimg / max(now - tick_start_time, 1e-8), lr=lr,
+            maxrss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            peak_gpu_gb=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == 'cuda' else 0.0,
+            **summary)
+        loss_mean = summary.get('Loss/loss', {}).get('mean', float('nan'))
+        say(f"tick {cur_tick:<5d} kimg {record['kimg']:<9.3f} time {dnnlib.util.format_time(record['time']):<9s} "
+            f"sec/kimg {record['sec_per_kimg']:<8.2f} img/s {record['img_per_sec']:<7.1f} "
+            f"loss {loss_mean:<8.4f} cpumem {record['maxrss_gb']:.2f} gpumem {record['peak_gpu_gb']:.2f}")
+        if is_main:
+            training_stats.append_jsonl(os.path.join(run_dir, 'stats.jsonl'), record)
+
+        kimg = cur_nimg // 1000
+        if done or (snapshot_ticks is not None and cur_tick % snapshot_ticks == 0):
+            frozen = copy.deepcopy(ema).eval().requires_grad_(False)
+            misc.check_ddp_consistency(frozen) # a collective: every rank takes part
+            if is_main:
+                data_out = dict(ema=frozen.cpu(), loss_fn=loss_fn, augment_pipe=None,
+                    dataset_kwargs=dict(dataset_kwargs))
+                persistence.save_network_pkl(data_out, os.path.join(run_dir, f'network-snapshot-{kimg:06d}.pkl'))
+                if grid_seeds:
+                    save_sample_grid(ema, os.path.join(run_dir, f'samples-{kimg:06d}.png'),
+                        num=grid_seeds, num_steps=grid_steps, device=device)
+        if done or (state_dump_ticks is not None and cur_tick % state_dump_ticks == 0):
+            if is_main:
+                save_training_state(os.path.join(run_dir, f'training-state-{kimg:06d}.pt'),
+                    dict(net=net.state_dict(), ema=ema.state_dict(),
+                        optimizer_state=optimizer.state_dict(), cur_nimg=cur_nimg, cur_tick=cur_tick))
+        distributed.barrier()
+        tick_start_nimg, tick_start_time = cur_nimg, time.time()
+
+    say('Done.')
+    return dnnlib.EasyDict(net=net, ema=ema, loss_fn=loss_fn, cur_nimg=cur_nimg)
+
+#----------------------------------------------------------------------------
+
+def save_training_state(path, state):
+    tmp = f'{path}.tmp-{os.getpid()}'
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+@torch.no_grad()
+def save_sample_grid(net, path, num=64, num_steps=18, device='cpu'):
+    """Heun samples of fixed seeds 0..num-1, seed i of class i % label_dim, in one PNG."""
+    from refine import sampling # pylint: disable=import-outside-toplevel
+    seeds = list(range(num))
+    rnd = sampling.StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([num, net.img_channels, net.img_resolution, net.img_resolution])
+    labels = None
+    if net.label_dim:
+        labels = torch.eye(net.label_dim, device=device)[torch.arange(num, device=device) % net.label_dim]
+    images = sampling.edm_sampler(net, latents, labels, num_steps=num_steps)
+    sampling.save_image_grid(images.cpu(), path, grid_w=net.label_dim or None) # a column per class
