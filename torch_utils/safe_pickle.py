@@ -37,6 +37,8 @@ KNOWN_CLASS_MODULES = {
     'training.networks_mlp': None,
     'training.networks_generators': None,
     'training.loss': None,
+    # StyleGAN3's networks_stylegan3.py reuses these class names but has no SynthesisBlock.
+    'training.networks_stylegan2': 'class SynthesisBlock',
 }
 
 ALLOW_CODE_HINT = 'pass --allow-pickle-code (allow_code=True) only if you trust the file'
