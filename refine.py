@@ -5,6 +5,9 @@ Examples:
   torchrun --nproc_per_node=8 refine.py --teacher edm.pkl --gen teacher --sigma-init 1.0 --outdir runs
   # A 2-D Gaussian-mixture teacher (exact score) and an MLP generator.
   python refine.py --teacher gmm:ring8 --gen mlp --outdir runs --kimg 200
+  # Another divergence, with its own options.
+  python refine.py --teacher gmm:ring8 --gen mlp --outdir runs --divergence sid --div-opt alpha=1.0
+  python refine.py --teacher gmm:ring8 --gen mlp --outdir runs --divergence fdiv --div-opt f=kl
 """
 
 import glob
@@ -26,6 +29,36 @@ def _latest_state(path):
         raise click.BadParameter(f'no training-state-*.pt in {path}', param_hint='--resume')
     return states[-1]
 
+def _parse_value(text):
+    """A --div-opt value: bool (true/false/yes/no/on/off), int, float, none, or the string."""
+    lowered = text.strip().lower()
+    if lowered in ('true', 'yes', 'on'):
+        return True
+    if lowered in ('false', 'no', 'off'):
+        return False
+    if lowered in ('none', 'null'):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+def parse_div_opts(pairs):
+    """('alpha=1.0', 'f=js', ...) -> {'alpha': 1.0, 'f': 'js'}; a clean error for bad syntax."""
+    opts = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition('=')
+        key = key.strip().replace('-', '_')
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"expected KEY=VALUE, got '{pair}'", param_hint='--div-opt')
+        if key in ('sigma_data', 'fake_steps'):
+            hint = 'use --fake-steps' if key == 'fake_steps' else 'it comes from the teacher'
+            raise click.BadParameter(f"'{key}' is not a divergence option here ({hint})", param_hint='--div-opt')
+        opts[key] = _parse_value(value)
+    return opts
+
 def _next_run_dir(outdir, desc):
     os.makedirs(outdir, exist_ok=True)
     ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in os.listdir(outdir)) if m]
@@ -35,7 +68,8 @@ def _next_run_dir(outdir, desc):
 @click.option('--teacher',      help='Teacher: EDM pickle path/URL, or gmm:PRESET', metavar='PKL|gmm:NAME', type=str)
 @click.option('--gen',          help='Generator: teacher, mlp, or a pickle path/URL', metavar='SPEC', type=str, default='teacher')
 @click.option('--outdir',       help='Where to make the run directory', metavar='DIR', type=str)
-@click.option('--divergence',   help='Divergence to minimise', type=str, default=None)
+@click.option('--divergence',   help='Divergence to minimise: di, sid, dmd, sim, fdiv, vardiu', type=str, default=None)
+@click.option('--div-opt',      help='Divergence option KEY=VALUE (repeatable), e.g. alpha=1.0, f=js', metavar='KEY=VALUE', type=str, multiple=True)
 @click.option('--batch',        help='Global batch size (images per iteration)', type=click.IntRange(min=1), default=None)
 @click.option('--batch-gpu',    help='Images per process per accumulation round', type=click.IntRange(min=1), default=None)
 @click.option('--lr',           help='Fake-score learning rate', type=click.FloatRange(min=0, min_open=True), default=None)
@@ -63,11 +97,14 @@ def main(**opts):
             saved['kimg'] = opts['kimg']
         opts = dict(saved, resume=opts['resume'], dry_run=opts['dry_run'],
             allow_pickle_code=opts['allow_pickle_code'])
+        if opts.get('div_opt') is None:
+            opts['div_opt'] = {}
     else:
         if not opts['teacher']:
             raise click.BadParameter('a teacher is required', param_hint='--teacher')
         if not opts['outdir'] and not opts['dry_run']:
             raise click.BadParameter('an output directory is required', param_hint='--outdir')
+        opts['div_opt'] = parse_div_opts(opts['div_opt'])
     o = run.resolve_options(opts)
 
     torch.manual_seed(o.seed) # initial weights of built networks (MLPs) depend on it

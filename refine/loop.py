@@ -4,6 +4,20 @@ It knows nothing about any particular divergence, teacher or generator: it is ha
 constructed objects and talks to them only through G(z, c), teacher/fake D(x, sigma, c) and the
 Divergence methods. Everything is counted in generator images (kimg). All random draws come
 from refine.rng, so a resumed run or a torchrun run reproduces one uninterrupted process.
+
+Optional divergence hooks (duck-typed: a divergence defines only those it needs, and the loop
+has no code for any particular one):
+  setup(G=G, teacher=teacher)     build divergence-owned modules once the shapes are known
+                                  (called once, under a seed derived from the run's seed);
+  trainable_modules()             those modules: trained by one extra Adam optimizer, in the
+                                  update named by `module_phase` ('generator' or 'fake': the
+                                  update whose loss they take part in), at `module_lr` (None:
+                                  that update's learning rate); saved in the training state;
+  set_progress(cur_nimg)          called before every iteration (annealed schedules);
+  draw_latents(rnd, z_shape)      the generator-update latents (e.g. antithetic pairs);
+  uses_latents = True             generator_loss() then also receives `z=` those latents.
+`on_tick(info)` (an argument of the loop) is called on the main process at the end of every
+tick with the current networks; the time it takes is reported in the tick's record.
 """
 
 import copy
@@ -39,6 +53,7 @@ def refinement_loop(
     snapshot_extra      = {},       # Items added to every snapshot (options needed to use it).
     grid_size           = 64,       # Images in each snapshot's PNG (vector data: 2048 points).
     log                 = print,    # Progress output (rank 0 decides to print).
+    on_tick             = None,     # Callback(EasyDict) at the end of every tick, main process only.
 ):
     device = distributed.device()
     rank, world = distributed.get_rank(), distributed.get_world_size()
@@ -62,6 +77,25 @@ def refinement_loop(
     f_opt = torch.optim.Adam(fake.parameters(), lr=f_lr, betas=betas, eps=1e-8)
     label_dim = getattr(G, 'label_dim', 0)
 
+    # Divergence-owned trainable modules (an encoder, a density-ratio head, ...), if any.
+    if hasattr(divergence, 'setup'):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, 'divergence-setup'))
+            divergence.setup(G=G, teacher=teacher)
+    extra = list(divergence.trainable_modules()) if hasattr(divergence, 'trainable_modules') else []
+    for module in extra:
+        module.to(device).train().requires_grad_(True)
+        distributed.broadcast_module(module)
+    extra_phase = getattr(divergence, 'module_phase', 'generator')
+    if extra_phase not in ('generator', 'fake'):
+        raise ValueError(f"divergence module_phase must be 'generator' or 'fake', got {extra_phase!r}")
+    x_opt = None
+    if extra:
+        x_lr = getattr(divergence, 'module_lr', None) or (g_lr if extra_phase == 'generator' else f_lr)
+        x_opt = torch.optim.Adam([p for m in extra for p in m.parameters()], lr=x_lr, betas=betas, eps=1e-8)
+    x_group = [(extra, x_opt)] if extra else []
+    uses_latents = getattr(divergence, 'uses_latents', False)
+
     cur_nimg, cur_tick = 0, 0
     if resume_state is not None:
         state = torch.load(resume_state, map_location=device, weights_only=True)
@@ -70,6 +104,10 @@ def refinement_loop(
         fake.load_state_dict(state['fake'])
         g_opt.load_state_dict(state['g_opt'])
         f_opt.load_state_dict(state['f_opt'])
+        if extra:
+            for module, sd in zip(extra, state['divergence_modules']):
+                module.load_state_dict(sd)
+            x_opt.load_state_dict(state['x_opt'])
         cur_nimg, cur_tick = state['cur_nimg'], state['cur_tick']
         say(f'Resuming from {resume_state} at {cur_nimg / 1e3:.1f} kimg')
 
@@ -79,22 +117,25 @@ def refinement_loop(
         torch.manual_seed(derive_seed(seed, position, phase, part, 'dropout'))
         return StreamRandom(seed, position, phase, batch_size, part=part, parts=world * rounds, device=device)
 
-    def accumulate_and_step(module, optimizer, loss_of_round):
-        """Sum per-sample losses over rounds, average over the global batch, step."""
-        optimizer.zero_grad(set_to_none=True)
+    def accumulate_and_step(groups, loss_of_round):
+        """Sum per-sample losses over rounds, average over the global batch, step every
+        (modules, optimizer) group."""
+        for _, optimizer in groups:
+            optimizer.zero_grad(set_to_none=True)
         for r in range(rounds):
             loss = loss_of_round(r)
             (loss.sum() / batch_size).backward()
-        params = [p for p in module.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.flatten() for g in grads])
-        distributed.all_reduce_sum(flat)
-        torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(p)
-            offset += g.numel()
-        optimizer.step()
+        for modules, optimizer in groups:
+            params = [p for m in modules for p in m.parameters() if p.requires_grad]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.flatten() for g in grads])
+            distributed.all_reduce_sum(flat)
+            torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
+            offset = 0
+            for p, g in zip(params, grads):
+                p.grad = flat[offset:offset + g.numel()].view_as(p)
+                offset += g.numel()
+            optimizer.step()
 
     stats = training_stats.Collector()
     grid_n = 2048 if getattr(G, 'is_vector', False) else grid_size # a scatter plot needs more points
@@ -107,6 +148,8 @@ def refinement_loop(
         f'{rounds} round(s) of {batch_gpu}, divergence {divergence.name}')
 
     while not done:
+        if hasattr(divergence, 'set_progress'):
+            divergence.set_progress(cur_nimg)
         # Fake-score updates on detached generator samples.
         for k in range(divergence.fake_steps):
             def fake_round(r, k=k):
@@ -120,19 +163,24 @@ def refinement_loop(
                 training_stats.report('loss_fake', loss)
                 return loss
             fake.train()
-            accumulate_and_step(fake, f_opt, fake_round)
+            accumulate_and_step([([fake], f_opt)] + (x_group if extra_phase == 'fake' else []), fake_round)
 
         # Generator update.
         def gen_round(r):
             rnd = draws(cur_nimg, 'gen', r)
-            z, c = rnd.randn(*G.z_shape), rnd.labels(label_dim)
-            loss, extra = divergence.generator_loss(teacher, fake, G(z, c), c, rnd)
+            if hasattr(divergence, 'draw_latents'):
+                z = divergence.draw_latents(rnd, G.z_shape)
+            else:
+                z = rnd.randn(*G.z_shape)
+            c = rnd.labels(label_dim)
+            kwargs = dict(z=z) if uses_latents else {}
+            loss, gen_stats = divergence.generator_loss(teacher, fake, G(z, c), c, rnd, **kwargs)
             training_stats.report('loss_gen', loss)
-            for name, value in extra.items():
+            for name, value in gen_stats.items():
                 training_stats.report(name, value)
             return loss
         fake.eval()
-        accumulate_and_step(G, g_opt, gen_round)
+        accumulate_and_step([([G], g_opt)] + (x_group if extra_phase == 'generator' else []), gen_round)
         cur_nimg += batch_size
 
         # EMA by half-life in images, ramped up early in training.
@@ -165,6 +213,11 @@ def refinement_loop(
             f"sec/kimg {record['sec_per_kimg']:<7.2f}",
             *[f'{k} {v["mean"]:<9.4g}' for k, v in summary.items() if k.startswith('loss')],
             f"cpumem {record['maxrss_gb']:.2f}", f"gpumem {record['peak_gpu_gb']:.2f}"]))
+        if is_main and on_tick is not None:
+            callback_start = time.time()
+            on_tick(dnnlib.EasyDict(cur_nimg=cur_nimg, cur_tick=cur_tick, done=done, G=G, G_ema=G_ema,
+                fake=fake, divergence=divergence, run_dir=run_dir))
+            record['callback_sec'] = time.time() - callback_start
         if is_main:
             training_stats.append_jsonl(os.path.join(run_dir, 'stats.jsonl'), record)
 
@@ -180,12 +233,14 @@ def refinement_loop(
             save_training_state(os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt'),
                 dict(G=G.state_dict(), G_ema=G_ema.state_dict(), fake=fake.state_dict(),
                     g_opt=g_opt.state_dict(), f_opt=f_opt.state_dict(),
-                    cur_nimg=cur_nimg, cur_tick=cur_tick))
+                    cur_nimg=cur_nimg, cur_tick=cur_tick,
+                    **(dict(divergence_modules=[m.state_dict() for m in extra], x_opt=x_opt.state_dict())
+                        if extra else {})))
         distributed.barrier()
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
 
     say('Done.')
-    return dnnlib.EasyDict(G=G, G_ema=G_ema, fake=fake, cur_nimg=cur_nimg)
+    return dnnlib.EasyDict(G=G, G_ema=G_ema, fake=fake, cur_nimg=cur_nimg, divergence_modules=extra)
 
 #----------------------------------------------------------------------------
 

@@ -2,12 +2,12 @@
 
 import dnnlib
 from refine import generators, teachers
-from refine.divergences import make_divergence
+from refine.divergences import DIVERGENCES, make_divergence
 from refine.loop import refinement_loop
 from torch_utils import distributed
 
 DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, sigma_init=None,
-    kimg=200.0, tick=1.0, snap=10, seed=0, ema=0.5, fake_steps=None, mlp_hidden=256)
+    kimg=200.0, tick=1.0, snap=10, seed=0, ema=0.5, fake_steps=None, mlp_hidden=256, div_opt=None)
 
 # Settings for Gaussian-mixture (vector) teachers: small MLPs learn at higher rates, and the
 # fake score needs several updates per generator update to keep up (tuned on ring8, see README).
@@ -17,11 +17,20 @@ def resolve_options(opts):
     """Fill defaults that depend on the teacher kind; returns an EasyDict of final options."""
     o = dnnlib.EasyDict(opts)
     vector = o.teacher.startswith('gmm:')
+    fake_steps_given = o.get('fake_steps') is not None
     for key, value in DEFAULTS.items():
         if o.get(key) is None:
             o[key] = VECTOR_DEFAULTS.get(key, value) if vector else value
+    o.div_opt = dict(o.div_opt or {})
+    method = DIVERGENCES.get(o.divergence) # an unknown name is reported by prepare()
     if o.sigma_init is None and o.gen == 'teacher':
-        o.sigma_init = 1.0 # Diff-Instruct's README setting
+        # The method's generator input level (Diff-Instruct's README: 1.0; SiD/SIM 2.5; DMD 80).
+        o.sigma_init = float(getattr(method, 'default_sigma_init', 1.0))
+    if vector and not fake_steps_given and method is not None:
+        # Vector MLP fake scores need >= 4 updates per generator update; a method without a
+        # fake score (VarDiU) takes none, one that asks for more (DMD2: 5) keeps its ratio.
+        own = getattr(method, 'default_fake_steps', 1)
+        o.fake_steps = 0 if not getattr(method, 'uses_fake_score', True) else max(o.fake_steps, own)
     return o
 
 def prepare(o):
@@ -35,7 +44,7 @@ def prepare(o):
         allow_code=o.allow_pickle_code, mlp_kwargs=mlp_kwargs)
     generators.check_compatible(G, teacher)
     fake = generators.build_fake_score(teacher, mlp_kwargs=mlp_kwargs)
-    div_kwargs = dict(sigma_data=teacher.sigma_data)
+    div_kwargs = dict(o.get('div_opt') or {}, sigma_data=teacher.sigma_data)
     if o.fake_steps is not None:
         div_kwargs['fake_steps'] = o.fake_steps
     divergence = make_divergence(o.divergence, **div_kwargs)
@@ -52,11 +61,12 @@ def prepare(o):
         divergence=divergence.options(), processes=world)
     return dnnlib.EasyDict(options=o, teacher=teacher, G=G, fake=fake, divergence=divergence, summary=summary)
 
-def launch(setup, run_dir, resume_state=None, log=print):
+def launch(setup, run_dir, resume_state=None, log=print, on_tick=None):
     o = setup.options
     extra = dict(teacher=o.teacher, divergence=setup.divergence.options(),
         sigma_init=getattr(setup.G, 'sigma_init', None), refine_options=dict(setup.summary['options']))
     return refinement_loop(run_dir=run_dir, teacher=setup.teacher, G=setup.G, fake=setup.fake,
         divergence=setup.divergence, batch_size=o.batch, batch_gpu=o.batch_gpu, g_lr=o.glr,
         f_lr=o.lr, ema_halflife_kimg=o.ema, total_kimg=o.kimg, kimg_per_tick=o.tick,
-        snapshot_ticks=o.snap, seed=o.seed, resume_state=resume_state, snapshot_extra=extra, log=log)
+        snapshot_ticks=o.snap, seed=o.seed, resume_state=resume_state, snapshot_extra=extra, log=log,
+        on_tick=on_tick)
