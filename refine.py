@@ -91,7 +91,10 @@ def main(**opts):
     if opts['resume']:
         resume_state = _latest_state(opts['resume'])
         run_dir = os.path.dirname(os.path.abspath(resume_state))
-        with open(os.path.join(run_dir, 'options.json')) as f:
+        options_path = os.path.join(run_dir, 'options.json')
+        if not os.path.isfile(options_path):
+            raise click.BadParameter(f'{run_dir} has no options.json: not a refine.py run', param_hint='--resume')
+        with open(options_path) as f:
             saved = json.load(f)
         if opts['kimg'] is not None:
             saved['kimg'] = opts['kimg']
