@@ -81,6 +81,8 @@ def _next_run_dir(outdir, desc):
 @click.option('--tick',         help='Progress interval [kimg]', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--snap',         help='Snapshot interval [ticks]', type=click.IntRange(min=1), default=None)
 @click.option('--seed',         help='Random seed', type=int, default=None)
+@click.option('--metrics',      help='Metrics at each snapshot, e.g. fd10k,fid10k (see fid.py)', metavar='LIST', type=str)
+@click.option('--metric-ref',   help='Reference for --metrics: dataset ZIP/dir or .npz', metavar='PATH', type=str)
 @click.option('--resume',       help='Continue a run: its directory or a training-state .pt', metavar='PATH', type=str)
 @click.option('--allow-pickle-code', help='Run code embedded in pickles (trusted files only)', is_flag=True)
 @click.option('--dry-run',      help='Print the resolved options and exit', is_flag=True)

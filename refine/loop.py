@@ -54,6 +54,7 @@ def refinement_loop(
     grid_size           = 64,       # Images in each snapshot's PNG (vector data: 2048 points).
     log                 = print,    # Progress output (rank 0 decides to print).
     on_tick             = None,     # Callback(EasyDict) at the end of every tick, main process only.
+    on_snapshot         = None,     # Callback(G_ema, snapshot_path, kimg) after each snapshot, every process (metrics).
 ):
     device = distributed.device()
     rank, world = distributed.get_rank(), distributed.get_world_size()
@@ -229,6 +230,9 @@ def refinement_loop(
             save_snapshot(os.path.join(run_dir, f'network-snapshot-{kimg:06d}.pkl'),
                 G_ema=G_ema, G=G, fake=fake, extra=dict(snapshot_extra, kimg=cur_nimg / 1e3))
             save_sample_png(G_ema, grid_z, grid_c, os.path.join(run_dir, f'samples-{kimg:06d}.png'))
+        if snapshot_due and on_snapshot is not None:
+            distributed.barrier() # the snapshot file exists before anyone reads it
+            on_snapshot(G_ema, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl'), cur_nimg / 1e3)
         if state_due and is_main:
             save_training_state(os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt'),
                 dict(G=G.state_dict(), G_ema=G_ema.state_dict(), fake=fake.state_dict(),

@@ -1,5 +1,7 @@
 """From resolved options to constructed objects and a running loop (refine.py's library side)."""
 
+import os
+
 import dnnlib
 from refine import generators, teachers
 from refine.divergences import DIVERGENCES, make_divergence
@@ -7,7 +9,8 @@ from refine.loop import refinement_loop
 from torch_utils import distributed
 
 DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, sigma_init=None,
-    kimg=200.0, tick=1.0, snap=10, seed=0, ema=0.5, fake_steps=None, mlp_hidden=256, div_opt=None)
+    kimg=200.0, tick=1.0, snap=10, seed=0, ema=0.5, fake_steps=None, mlp_hidden=256, div_opt=None,
+    metrics=None, metric_ref=None, metric_batch=64)
 
 # Settings for Gaussian-mixture (vector) teachers: small MLPs learn at higher rates, and the
 # fake score needs several updates per generator update to keep up (tuned on ring8, see README).
@@ -38,6 +41,11 @@ def prepare(o):
 
     Raises ValueError/OSError with a one-line message for anything a user can get wrong.
     """
+    if o.metrics:
+        from metrics import registry # pylint: disable=import-outside-toplevel
+        registry.parse_names(o.metrics) # unknown names fail now, not at the first snapshot
+        if not o.metric_ref:
+            raise ValueError('--metrics needs --metric-ref (a dataset ZIP/directory or a reference .npz)')
     teacher = teachers.load_teacher(o.teacher, allow_code=o.allow_pickle_code)
     mlp_kwargs = dict(hidden=o.mlp_hidden)
     G = generators.build_generator(o.gen, teacher, sigma_init=o.sigma_init,
@@ -69,4 +77,20 @@ def launch(setup, run_dir, resume_state=None, log=print, on_tick=None):
         divergence=setup.divergence, batch_size=o.batch, batch_gpu=o.batch_gpu, g_lr=o.glr,
         f_lr=o.lr, ema_halflife_kimg=o.ema, total_kimg=o.kimg, kimg_per_tick=o.tick,
         snapshot_ticks=o.snap, seed=o.seed, resume_state=resume_state, snapshot_extra=extra, log=log,
-        on_tick=on_tick)
+        on_tick=on_tick, on_snapshot=metrics_callback(o, run_dir, log))
+
+def metrics_callback(o, run_dir, log=print):
+    """Compute --metrics on each snapshot's G_ema (every process) and append metric-*.jsonl."""
+    if not o.get('metrics'):
+        return None
+    from metrics import registry # pylint: disable=import-outside-toplevel (metrics are optional)
+
+    def on_snapshot(G_ema, snapshot_path, kimg):
+        device = next(G_ema.parameters()).device
+        records = registry.compute_metrics(o.metrics, registry.generator_sample_fn(G_ema, device),
+            num_labels=getattr(G_ema, 'label_dim', 0), ref=o.metric_ref, device=device, batch=o.metric_batch)
+        if distributed.is_main():
+            for record in records.values():
+                registry.append_jsonl(run_dir, record, snapshot_pkl=os.path.basename(snapshot_path), kimg=kimg)
+                log(f"{record['metric']} at {kimg:g} kimg: " + ', '.join(f'{k} {v:.4g}' for k, v in record['results'].items()))
+    return on_snapshot

@@ -2,6 +2,10 @@
 import os
 import sys
 
+# Before numpy/scipy load: BLAS worker threads make small sqrtm calls 50x slower on a busy
+# 2-core machine.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

@@ -138,3 +138,27 @@ def test_refine_on_ring8_reduces_mmd_tenfold_and_covers_every_mode(tmp_path):
     after = toy_metrics.evaluate_generator(data['G_ema'], teacher, n=5000)
     assert before['mmd'] / after['mmd'] >= 10, (before['mmd'], after['mmd'])
     assert after['covered'] == 8
+
+def test_metrics_at_snapshots(teacher_pkl, tmp_path):
+    """--metrics runs the registry on each snapshot's G_ema and appends metric-<name>.jsonl."""
+    import json # pylint: disable=import-outside-toplevel
+    from PIL import Image # pylint: disable=import-outside-toplevel
+    ref = tmp_path / 'ref'
+    ref.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(16):
+        pixels = (torch.rand(8, 8, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels, 'L').save(ref / f'{i:03d}.png')
+    out = _refine(['--teacher', teacher_pkl, '--outdir', str(tmp_path / 'run'), '--kimg', '0.016',
+        *BASE, '--metrics', 'fd16', '--metric-ref', str(ref)])
+    assert 'fd16 at 0.016 kimg' in out
+    lines = open(os.path.join(_run_dir(tmp_path / 'run'), 'metric-fd16.jsonl')).read().splitlines()
+    record = json.loads(lines[-1])
+    assert record['metric'] == 'fd16' and record['results']['fd16'] > 0 and record['kimg'] == 0.016
+    assert record['snapshot_pkl'].startswith('network-snapshot-')
+
+def test_unknown_metric_is_a_clean_error(teacher_pkl, tmp_path):
+    result = CliRunner().invoke(_load_cli().main, ['--teacher', teacher_pkl, '--outdir', str(tmp_path),
+        *BASE, '--metrics', 'fidd10k', '--metric-ref', str(tmp_path)])
+    assert result.exit_code != 0 and "unknown metric 'fidd10k'" in result.output
+    assert 'Traceback' not in result.output
