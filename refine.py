@@ -10,7 +10,6 @@ Examples:
   python refine.py --teacher gmm:ring8 --gen mlp --outdir runs --divergence fdiv --div-opt f=kl
 """
 
-import glob
 import json
 import os
 import re
@@ -19,15 +18,13 @@ import click
 import torch
 
 from refine import run
-from torch_utils import distributed
+from torch_utils import distributed, train_utils
 
-def _latest_state(path):
-    if os.path.isfile(path):
-        return path
-    states = sorted(glob.glob(os.path.join(path, 'training-state-*.pt')))
-    if not states:
-        raise click.BadParameter(f'no training-state-*.pt in {path}', param_hint='--resume')
-    return states[-1]
+def _resume_state(path):
+    try:
+        return train_utils.latest_training_state(path)
+    except FileNotFoundError as e:
+        raise click.BadParameter(str(e), param_hint='--resume') from None
 
 def _parse_value(text):
     """A --div-opt value: bool (true/false/yes/no/on/off), int, float, none, or the string."""
@@ -59,11 +56,6 @@ def parse_div_opts(pairs):
         opts[key] = _parse_value(value)
     return opts
 
-def _next_run_dir(outdir, desc):
-    os.makedirs(outdir, exist_ok=True)
-    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in os.listdir(outdir)) if m]
-    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
-
 @click.command(context_settings=dict(show_default=True))
 @click.option('--teacher',      help='Teacher: EDM pickle path/URL, or gmm:PRESET', metavar='PKL|gmm:NAME', type=str)
 @click.option('--gen',          help='Generator: teacher, mlp, or a pickle path/URL', metavar='SPEC', type=str, default='teacher')
@@ -91,7 +83,7 @@ def main(**opts):
     distributed.init()
     resume_state = None
     if opts['resume']:
-        resume_state = _latest_state(opts['resume'])
+        resume_state = _resume_state(opts['resume'])
         run_dir = os.path.dirname(os.path.abspath(resume_state))
         options_path = os.path.join(run_dir, 'options.json')
         if not os.path.isfile(options_path):
@@ -123,7 +115,7 @@ def main(**opts):
 
     if resume_state is None:
         desc = f"{o.divergence}-{re.sub(r'[^A-Za-z0-9]+', '_', os.path.basename(o.teacher))[:40]}-gen_{os.path.basename(o.gen)[:20]}"
-        run_dir = _next_run_dir(o.outdir, desc) if distributed.is_main() else None
+        run_dir = train_utils.next_run_dir(o.outdir, desc) if distributed.is_main() else None
         run_dir = distributed.all_gather_object(run_dir)[0]
         if distributed.is_main():
             os.makedirs(run_dir)

@@ -10,10 +10,8 @@ Examples:
   torchrun --nproc_per_node=8 train.py --data datasets/cifar10-32x32.zip --outdir runs --cond
 """
 
-import glob
 import json
 import os
-import re
 import zipfile
 
 import click
@@ -21,7 +19,7 @@ from click.core import ParameterSource
 import torch
 
 import dnnlib
-from torch_utils import distributed
+from torch_utils import distributed, train_utils
 from training import training_loop
 
 # Per-architecture defaults and the UNet options that define each architecture.
@@ -43,6 +41,12 @@ PRECONDS = dict(
 # Options that may change when a run is resumed: none of them changes what is computed.
 RESUME_OVERRIDES = ('duration', 'tick', 'snap', 'dump', 'workers', 'dry_run', 'resume')
 
+def _resume_state(path):
+    try:
+        return train_utils.latest_training_state(path)
+    except FileNotFoundError as e:
+        raise click.BadParameter(str(e), param_hint='--resume') from None
+
 def _int_list(_ctx, param, value):
     if value is None:
         return None
@@ -50,19 +54,6 @@ def _int_list(_ctx, param, value):
         return dnnlib.util.parse_int_list(value)
     except ValueError:
         raise click.BadParameter(f"'{value}' is not a comma-separated list of integers") from None
-
-def _latest_state(path):
-    if os.path.isfile(path):
-        return path
-    states = sorted(glob.glob(os.path.join(path, 'training-state-*.pt')))
-    if not states:
-        raise click.BadParameter(f'no training-state-*.pt in {path}', param_hint='--resume')
-    return states[-1]
-
-def _next_run_dir(outdir, desc):
-    os.makedirs(outdir, exist_ok=True)
-    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in os.listdir(outdir)) if m]
-    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
 def _open_dataset(dataset_kwargs):
     try:
@@ -127,7 +118,7 @@ def resume_options(ctx, opts):
     if fixed:
         raise click.BadParameter('a resumed run keeps its options; only --duration, --tick, --snap, '
             '--dump and --workers may change', param_hint=f"--{fixed[0].replace('_', '-')}")
-    state = _latest_state(opts['resume'])
+    state = _resume_state(opts['resume'])
     run_dir = os.path.dirname(os.path.abspath(state))
     options_path = os.path.join(run_dir, 'training_options.json')
     try:
@@ -189,7 +180,7 @@ def main(**opts):
         desc = (f"{os.path.splitext(os.path.basename(os.path.normpath(opts['data'])))[0]}-"
             f"{'cond' if opts['cond'] else 'uncond'}-{opts['arch']}-{opts['precond']}-"
             f"gpus{distributed.get_world_size()}-batch{opts['batch']}")
-        run_dir = _next_run_dir(opts['outdir'], desc) if distributed.is_main() else None
+        run_dir = train_utils.next_run_dir(opts['outdir'], desc) if distributed.is_main() else None
         run_dir = distributed.all_gather_object(run_dir)[0]
         if distributed.is_main():
             os.makedirs(run_dir)

@@ -29,7 +29,7 @@ import torch
 
 import dnnlib
 from refine.rng import StreamRandom, derive_seed
-from torch_utils import distributed, persistence, training_stats
+from torch_utils import distributed, persistence, train_utils, training_stats
 
 def refinement_loop(
     run_dir,                        # Output directory (exists).
@@ -58,13 +58,7 @@ def refinement_loop(
 ):
     device = distributed.device()
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    if batch_size % world != 0:
-        raise ValueError(f'--batch {batch_size} does not split over {world} processes')
-    local_batch = batch_size // world
-    batch_gpu = local_batch if batch_gpu is None else min(batch_gpu, local_batch)
-    if local_batch % batch_gpu != 0:
-        raise ValueError(f'--batch-gpu {batch_gpu} does not divide the per-process batch {local_batch}')
-    rounds = local_batch // batch_gpu
+    rounds, batch_gpu = train_utils.split_batch(batch_size, batch_gpu, world)
     is_main = rank == 0
     say = log if is_main else (lambda *_: None)
 
@@ -127,15 +121,7 @@ def refinement_loop(
             loss = loss_of_round(r)
             (loss.sum() / batch_size).backward()
         for modules, optimizer in groups:
-            params = [p for m in modules for p in m.parameters() if p.requires_grad]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.flatten() for g in grads])
-            distributed.all_reduce_sum(flat)
-            torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
-            offset = 0
-            for p, g in zip(params, grads):
-                p.grad = flat[offset:offset + g.numel()].view_as(p)
-                offset += g.numel()
+            train_utils.sync_gradients([p for m in modules for p in m.parameters()])
             optimizer.step()
 
     stats = training_stats.Collector()
@@ -185,15 +171,7 @@ def refinement_loop(
         cur_nimg += batch_size
 
         # EMA by half-life in images, ramped up early in training.
-        ema_nimg = ema_halflife_kimg * 1000
-        if ema_rampup is not None:
-            ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
-        beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
-        with torch.no_grad():
-            for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-                p_ema.copy_(p.detach().lerp(p_ema, beta))
-            for b_ema, b in zip(G_ema.buffers(), G.buffers()):
-                b_ema.copy_(b)
+        train_utils.update_ema(G_ema, G, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup)
 
         done = cur_nimg >= total_kimg * 1000
         if not done and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:

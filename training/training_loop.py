@@ -19,7 +19,7 @@ import torch
 
 import dnnlib
 from refine.rng import derive_seed
-from torch_utils import distributed, misc, persistence, training_stats
+from torch_utils import distributed, misc, persistence, train_utils, training_stats
 
 class GlobalBatchSlices(torch.utils.data.Sampler):
     """This process's slice of each global batch, one list of indices per accumulation round.
@@ -67,13 +67,7 @@ def training_loop(
 ):
     device = distributed.device()
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    if batch_size % world != 0:
-        raise ValueError(f'--batch {batch_size} does not split over {world} processes')
-    local_batch = batch_size // world
-    batch_gpu = local_batch if batch_gpu is None else min(batch_gpu, local_batch)
-    if local_batch % batch_gpu != 0:
-        raise ValueError(f'--batch-gpu {batch_gpu} does not divide the per-process batch {local_batch}')
-    rounds = local_batch // batch_gpu
+    rounds, batch_gpu = train_utils.split_batch(batch_size, batch_gpu, world)
     is_main = rank == 0
     say = log if is_main else (lambda *_: None)
 
@@ -129,27 +123,11 @@ def training_loop(
         lr = base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        params = [p for p in net.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.flatten() for g in grads])
-        distributed.all_reduce_sum(flat)
-        torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(p)
-            offset += g.numel()
+        train_utils.sync_gradients(net.parameters())
         optimizer.step()
 
         # EMA by half-life in images, ramped up early in training.
-        ema_nimg = ema_halflife_kimg * 1000
-        if ema_rampup_ratio is not None:
-            ema_nimg = min(ema_nimg, cur_nimg * ema_rampup_ratio)
-        beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p.detach().lerp(p_ema, beta))
-            for b_ema, b in zip(ema.buffers(), net.buffers()):
-                b_ema.copy_(b)
+        train_utils.update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
 
         cur_nimg += batch_size
         done = cur_nimg >= total_kimg * 1000
