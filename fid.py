@@ -21,23 +21,15 @@ Results go to stdout (plain calc: the FID alone, as EDM prints it); progress to 
 import os
 
 import click
-import torch
 
 import dnnlib
+import generate
 from metrics import detectors, features, registry, stats
-from refine import generation
 from torch_utils import distributed
 
 def _echo0(message):
     if distributed.is_main():
         click.echo(message, err=True)
-
-def _pick_device(name):
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise click.BadParameter('CUDA is not available here', param_hint='--device')
-    if name is None or distributed.get_world_size() > 1:
-        return distributed.device() # each process on its own GPU under torchrun
-    return torch.device(name)
 
 def _one_line(e):
     return str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -58,7 +50,7 @@ def main():
 def ref(data_path, dest_path, batch, detector, detector_url, device):
     """Compute reference statistics (mu, sigma) of every image of a dataset."""
     distributed.init()
-    device = _pick_device(device)
+    device = generate.pick_device(device)
     try:
         det = registry.get_detector(detector, url=detector_url, device=device)
         dataset = features.open_dataset(data_path)
@@ -98,14 +90,8 @@ def _parse_seeds(_ctx, _param, value):
 def _generator(network_pkl, allow_pickle_code, sigma_init, num_steps, class_idx, device):
     """fn(seeds, labels) from a pickle; refine.generation picks each seed's label itself."""
     sampler_kwargs = {} if num_steps is None else dict(num_steps=num_steps)
-    try:
-        sample, meta = generation.load_for_generation(network_pkl, allow_code=allow_pickle_code,
-            sigma_init=sigma_init, device=device, sampler_kwargs=sampler_kwargs)
-        generation.check_class_idx(class_idx, meta.label_dim)
-    except generation.GenerationError as e:
-        if e.param:
-            raise click.BadParameter(str(e), param_hint=f'--{e.param}') from None
-        raise click.ClickException(str(e)) from None
+    sample, meta = generate.load_sampler(network_pkl, allow_pickle_code, sigma_init, device,
+        sampler_kwargs, class_idx)
     if meta.is_vector:
         raise click.BadParameter(f'{network_pkl} makes vectors, not images', param_hint='--network')
     _echo0(f'Generating with {network_pkl} ({meta.kind}, {meta.nfe} network calls per image)')
@@ -137,7 +123,7 @@ def calc(image_path, network_pkl, ref_path, metric_names, num, seed, seeds, clas
         raise click.UsageError('--seeds, --class, --sigma-init and --steps go with --network')
     if image_path is not None and not os.path.exists(image_path):
         raise click.BadParameter(f'{image_path}: no such file or directory', param_hint='--images')
-    device = _pick_device(device)
+    device = generate.pick_device(device)
     if metric_names is None: # EDM's calc: one FID over --num images
         metric_names = [registry.Spec(name='fid', kind='fd' if detector == 'fast' else 'fid', num=num or 50000)]
     if seeds is not None:

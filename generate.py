@@ -32,12 +32,25 @@ def _parse_seeds(_ctx, _param, value):
         raise click.BadParameter(f'seeds must be non-negative, got {min(seeds)}')
     return seeds
 
-def _pick_device(name):
+def pick_device(name):
+    """The torch device for --device (None: cuda if available; each process its own GPU)."""
     if name == 'cuda' and not torch.cuda.is_available():
         raise click.BadParameter('CUDA is not available here', param_hint='--device')
     if name is None or distributed.get_world_size() > 1:
         return distributed.device() # each process on its own GPU under torchrun
     return torch.device(name)
+
+def load_sampler(network_pkl, allow_pickle_code, sigma_init, device, sampler_kwargs, class_idx):
+    """refine.generation's (sample, meta) for a pickle, with its errors as one-line CLI errors."""
+    try:
+        sample, meta = generation.load_for_generation(network_pkl, allow_code=allow_pickle_code,
+            sigma_init=sigma_init, device=device, sampler_kwargs=sampler_kwargs)
+        generation.check_class_idx(class_idx, meta.label_dim)
+    except generation.GenerationError as e:
+        if e.param:
+            raise click.BadParameter(str(e), param_hint=f'--{e.param}') from None
+        raise click.ClickException(str(e)) from None
+    return sample, meta
 
 def _image_path(outdir, seed, subdirs):
     folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
@@ -84,16 +97,9 @@ def main(network_pkl, outdir, seeds, class_idx, max_batch_size, grid_path, subdi
         allow_pickle_code, device, sigma_init, **sampler_kwargs):
     """Generate images (or vectors) from an EDM teacher, a one-step snapshot, or a SiD/DI pickle."""
     distributed.init()
-    try:
-        device = _pick_device(device)
-        sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
-        sample, meta = generation.load_for_generation(network_pkl, allow_code=allow_pickle_code,
-            sigma_init=sigma_init, device=device, sampler_kwargs=sampler_kwargs)
-        generation.check_class_idx(class_idx, meta.label_dim)
-    except generation.GenerationError as e:
-        if e.param:
-            raise click.BadParameter(str(e), param_hint=f'--{e.param}') from None
-        raise click.ClickException(str(e)) from None
+    device = pick_device(device)
+    sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    sample, meta = load_sampler(network_pkl, allow_pickle_code, sigma_init, device, sampler_kwargs, class_idx)
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as e:
