@@ -5,6 +5,8 @@ Examples:
   python generate.py --network edm-cifar10-32x32-cond-vp.pkl --outdir out --seeds 0-63 --grid grid.png
   # One-step images from a refine.py snapshot (its G_ema).
   python generate.py --network runs/00000-di/network-snapshot-000200.pkl --outdir out
+  # A StyleGAN2/3 pickle (NVlabs' or refined here), truncated.
+  python generate.py --network stylegan2.pkl --trunc 0.7 --noise-mode const --outdir out
   # A SiD / Diff-Instruct one-step pickle: its 'ema' network at noise level 2.5.
   python generate.py --network sid.pkl --sigma-init 2.5 --outdir out
   # Many GPUs: each process takes every N-th batch.
@@ -40,11 +42,13 @@ def pick_device(name):
         return distributed.device() # each process on its own GPU under torchrun
     return torch.device(name)
 
-def load_sampler(network_pkl, allow_pickle_code, sigma_init, device, sampler_kwargs, class_idx):
+def load_sampler(network_pkl, allow_pickle_code, sigma_init, device, sampler_kwargs, class_idx,
+        generator_kwargs=None):
     """refine.generation's (sample, meta) for a pickle, with its errors as one-line CLI errors."""
     try:
         sample, meta = generation.load_for_generation(network_pkl, allow_code=allow_pickle_code,
-            sigma_init=sigma_init, device=device, sampler_kwargs=sampler_kwargs)
+            sigma_init=sigma_init, device=device, sampler_kwargs=sampler_kwargs,
+            generator_kwargs=generator_kwargs)
         generation.check_class_idx(class_idx, meta.label_dim)
     except generation.GenerationError as e:
         if e.param:
@@ -89,17 +93,21 @@ def _echo0(message):
 @click.option('--S_max',    'S_max',          help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=float('inf'))
 @click.option('--S_noise',  'S_noise',        help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1)
 @click.option('--sigma-init',                 help='Read an EDM pickle as a one-step generator at this noise level (SiD 2.5, DI 1.0)', metavar='FLOAT', type=float, default=None)
+@click.option('--trunc',    'truncation_psi', help='StyleGAN truncation psi  [default: 1]', metavar='FLOAT', type=float, default=None)
+@click.option('--noise-mode',                 help='StyleGAN noise  [default: random]', type=click.Choice(['random', 'const', 'none']), default=None)
 @click.option('--grid',     'grid_path',      help='Also save all outputs in one PNG here', metavar='PNG', type=str, default=None)
 @click.option('--subdirs',                    help='Put images in subdirectories of 1000', is_flag=True)
 @click.option('--allow-pickle-code',          help='Run code embedded in the pickle (trusted files only)', is_flag=True)
 @click.option('--device',                     help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']), default=None)
 def main(network_pkl, outdir, seeds, class_idx, max_batch_size, grid_path, subdirs,
-        allow_pickle_code, device, sigma_init, **sampler_kwargs):
+        allow_pickle_code, device, sigma_init, truncation_psi, noise_mode, **sampler_kwargs):
     """Generate images (or vectors) from an EDM teacher, a one-step snapshot, or a SiD/DI pickle."""
     distributed.init()
     device = pick_device(device)
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
-    sample, meta = load_sampler(network_pkl, allow_pickle_code, sigma_init, device, sampler_kwargs, class_idx)
+    torch.manual_seed(0) # StyleGAN's 'random' noise comes from the global generator
+    sample, meta = load_sampler(network_pkl, allow_pickle_code, sigma_init, device, sampler_kwargs, class_idx,
+        generator_kwargs=dict(truncation_psi=truncation_psi, noise_mode=noise_mode))
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as e:

@@ -8,6 +8,8 @@ Examples:
   # Another divergence, with its own options.
   python refine.py --teacher gmm:ring8 --gen mlp --outdir runs --divergence sid --div-opt alpha=1.0
   python refine.py --teacher gmm:ring8 --gen mlp --outdir runs --divergence fdiv --div-opt f=kl
+  # Refine an existing StyleGAN2 generator with the teacher (its mapping network frozen).
+  torchrun --nproc_per_node=8 refine.py --gen stylegan2.pkl --teacher edm.pkl --train-params synthesis --outdir runs
 """
 
 import json
@@ -67,6 +69,9 @@ def parse_div_opts(pairs):
 @click.option('--lr',           help='Fake-score learning rate', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--glr',          help='Generator learning rate', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--sigma-init',   help='Noise level of the one-step generator', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--truncation',   help='StyleGAN --gen: truncation psi [default: 1]', type=float, default=None)
+@click.option('--noise-mode',   help='StyleGAN --gen: per-layer noise [default: random]', type=click.Choice(['random', 'const', 'none']), default=None)
+@click.option('--train-params', help='StyleGAN --gen: parameters to refine; synthesis = mapping frozen [default: all]', type=click.Choice(['all', 'synthesis', 'mapping']), default=None)
 @click.option('--fake-steps',   help='Fake-score updates per generator update', type=click.IntRange(min=1), default=None)
 @click.option('--ema',          help='EMA half-life of the generator [kimg]', type=click.FloatRange(min=0), default=None)
 @click.option('--kimg',         help='Training duration [kimg]', type=click.FloatRange(min=0, min_open=True), default=None)

@@ -66,7 +66,8 @@ def main(teacher, gen, divergence, batch, sigma_init, repeats, device):
         T = teachers.EDMTeacher(networks_edm.EDMPrecond(**TINY))
     else:
         T = teachers.load_teacher(teacher)
-    G = generators.build_generator(gen, T, sigma_init=sigma_init).to(device).train().requires_grad_(True)
+    G, _ = generators.build_generator(gen, T, sigma_init=sigma_init)
+    G = G.to(device).train().requires_grad_(True)
     generators.check_compatible(G, T)
     fake = generators.build_fake_score(T).to(device)
     T = T.to(device)

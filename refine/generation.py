@@ -3,6 +3,8 @@
 `load_for_generation` recognises three kinds of pickle:
   * an EDM teacher (`ema` is an EDM preconditioner): the EDM Heun sampler;
   * a one-step generator snapshot of our refine loop (`G_ema`, a `G(z, c)` module): one call;
+  * a StyleGAN2/3 pickle (`G_ema` with mapping and synthesis), ours or NVlabs': one call of
+    `G(z, c)` at truncation 1 and random noise unless told otherwise;
   * a SiD / Diff-Instruct one-step pickle (`ema`, used at a noise level `sigma_init`): one call
     of `ema(sigma_init * z, sigma_init, c)`. An `ema` pickle is read this way only when
     `sigma_init` is given, because nothing in the file tells it apart from a teacher.
@@ -15,6 +17,7 @@ import torch
 import dnnlib
 from refine.sampling import StackedRandomGenerator, edm_sampler
 from torch_utils import safe_pickle
+from training import networks_generators
 
 class GenerationError(ValueError):
     """A one-line problem a user can fix; `param` names the option at fault (without --)."""
@@ -124,13 +127,25 @@ def _module(data, key, path):
     except safe_pickle.UnsafePickleError as e:
         raise GenerationError(str(e), param='network') from None
 
-def load_for_generation(path, allow_code=False, sigma_init=None, device='cpu', sampler_kwargs=None):
+def _wrap_stylegan(G, data, generator_kwargs, path):
+    """A StyleGAN G_ema as G(z, c): options saved by a refinement first, then the caller's."""
+    kwargs = {k: v for k, v in (data.get('generator_options') or {}).items() if k != 'train_params'}
+    kwargs.update({k: v for k, v in (generator_kwargs or {}).items() if v is not None})
+    try:
+        return networks_generators.StyleGANGenerator(G, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise GenerationError(f'{path}: {e}', param='network') from None
+
+def load_for_generation(path, allow_code=False, sigma_init=None, device='cpu', sampler_kwargs=None,
+        generator_kwargs=None):
     """Load `path` and return `(sample, meta)`.
 
     `sample(seeds, class_idx=None)` returns the outputs for a list of seeds: float images
     NCHW in [-1, 1], or vectors [N, d]. `meta` is an EasyDict: kind ('edm-teacher',
     'one-step-edm' or 'generator'), label_dim, is_vector, nfe (network calls per sample) and
-    network (the module). `sampler_kwargs` go to `edm_sampler` (teachers only).
+    network (the module). `sampler_kwargs` go to `edm_sampler` (teachers only);
+    `generator_kwargs` (truncation_psi, noise_mode) to StyleGAN generators, whose noise is
+    drawn from torch's global generator (seed it for repeatable 'random' noise).
     """
     device = torch.device(device)
     if sigma_init is not None and not sigma_init > 0:
@@ -141,7 +156,10 @@ def load_for_generation(path, allow_code=False, sigma_init=None, device='cpu', s
             param='network')
 
     if sigma_init is None and 'G_ema' in data:
-        G = _module(data, 'G_ema', path).eval().requires_grad_(False).to(device)
+        G = _module(data, 'G_ema', path)
+        if networks_generators.is_stylegan_generator(G):
+            G = _wrap_stylegan(G, data, generator_kwargs, path)
+        G = G.eval().requires_grad_(False).to(device)
         z_shape, label_dim = _generator_z_shape(G, path), _generator_label_dim(G)
         sample = _one_step_generator_sampler(G, device, z_shape, label_dim)
         return sample, dnnlib.EasyDict(kind='generator', label_dim=label_dim,

@@ -63,12 +63,17 @@ def refinement_loop(
     say = log if is_main else (lambda *_: None)
 
     teacher = teacher.to(device).eval().requires_grad_(False)
-    G = G.to(device).train().requires_grad_(True)
+    # A generator may train only some of its parameters (`trainable_parameters()`, e.g. a
+    # StyleGAN with its mapping network frozen); the others keep requires_grad False.
+    G = G.to(device).train().requires_grad_(False)
+    g_params = list(G.trainable_parameters()) if hasattr(G, 'trainable_parameters') else list(G.parameters())
+    for p in g_params:
+        p.requires_grad_(True)
     fake = fake.to(device).train().requires_grad_(True)
     for module in (G, fake):
         distributed.broadcast_module(module)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    g_opt = torch.optim.Adam(G.parameters(), lr=g_lr, betas=betas, eps=1e-8)
+    g_opt = torch.optim.Adam(g_params, lr=g_lr, betas=betas, eps=1e-8)
     f_opt = torch.optim.Adam(fake.parameters(), lr=f_lr, betas=betas, eps=1e-8)
     label_dim = getattr(G, 'label_dim', 0)
 
@@ -233,6 +238,8 @@ def save_snapshot(path, G_ema, G, fake, extra):
     data = dict(G_ema=frozen(G_ema), G=frozen(G), fake=frozen(fake))
     if hasattr(data['G_ema'], 'sigma_init'): # SiD / Diff-Instruct tools read 'ema' at sigma_init
         data['ema'] = data['G_ema'].net
+    if hasattr(data['G_ema'], 'snapshot_items'): # e.g. StyleGAN: its own networks, unwrapped
+        data.update(data['G_ema'].snapshot_items(data['G']))
     data.update(extra)
     persistence.save_network_pkl(data, path)
 

@@ -10,7 +10,7 @@ from torch_utils import distributed
 
 DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, sigma_init=None,
     kimg=200.0, tick=1.0, snap=10, seed=0, ema=0.5, fake_steps=None, mlp_hidden=256, div_opt=None,
-    metrics=None, metric_ref=None, metric_batch=64)
+    metrics=None, metric_ref=None, metric_batch=64, truncation=None, noise_mode=None, train_params=None)
 
 # Settings for Gaussian-mixture (vector) teachers: small MLPs learn at higher rates, and the
 # fake score needs several updates per generator update to keep up (tuned on ring8, see README).
@@ -48,8 +48,11 @@ def prepare(o):
             raise ValueError('--metrics needs --metric-ref (a dataset ZIP/directory or a reference .npz)')
     teacher = teachers.load_teacher(o.teacher, allow_code=o.allow_pickle_code)
     mlp_kwargs = dict(hidden=o.mlp_hidden)
-    G = generators.build_generator(o.gen, teacher, sigma_init=o.sigma_init,
-        allow_code=o.allow_pickle_code, mlp_kwargs=mlp_kwargs)
+    stylegan_kwargs = dict(truncation_psi=o.truncation, noise_mode=o.noise_mode, train_params=o.train_params)
+    G, companions = generators.build_generator(o.gen, teacher, sigma_init=o.sigma_init,
+        allow_code=o.allow_pickle_code, mlp_kwargs=mlp_kwargs, stylegan_kwargs=stylegan_kwargs)
+    if not hasattr(G, 'snapshot_items') and any(v is not None for v in stylegan_kwargs.values()):
+        raise ValueError('--truncation, --noise-mode and --train-params apply to StyleGAN generators (--gen stylegan.pkl)')
     generators.check_compatible(G, teacher)
     fake = generators.build_fake_score(teacher, mlp_kwargs=mlp_kwargs)
     div_kwargs = dict(o.get('div_opt') or {}, sigma_data=teacher.sigma_data)
@@ -64,14 +67,16 @@ def prepare(o):
         teacher=dict(kind=type(teacher).__name__, shape=list(teacher.shape), label_dim=teacher.label_dim,
             sigma_data=teacher.sigma_data, sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max),
         generator=dict(kind=type(G).__name__, params=generators.count_parameters(G),
-            sigma_init=getattr(G, 'sigma_init', None)),
+            trained_params=sum(p.numel() for p in (G.trainable_parameters() if hasattr(G, 'trainable_parameters') else G.parameters())),
+            sigma_init=getattr(G, 'sigma_init', None), **(G.options() if hasattr(G, 'options') else {})),
         fake_score=dict(kind=type(fake).__name__, params=generators.count_parameters(fake)),
         divergence=divergence.options(), processes=world)
-    return dnnlib.EasyDict(options=o, teacher=teacher, G=G, fake=fake, divergence=divergence, summary=summary)
+    return dnnlib.EasyDict(options=o, teacher=teacher, G=G, fake=fake, divergence=divergence,
+        companions=companions, summary=summary)
 
 def launch(setup, run_dir, resume_state=None, log=print, on_tick=None):
     o = setup.options
-    extra = dict(teacher=o.teacher, divergence=setup.divergence.options(),
+    extra = dict(setup.companions, teacher=o.teacher, divergence=setup.divergence.options(),
         sigma_init=getattr(setup.G, 'sigma_init', None), refine_options=dict(setup.summary['options']))
     return refinement_loop(run_dir=run_dir, teacher=setup.teacher, G=setup.G, fake=setup.fake,
         divergence=setup.divergence, batch_size=o.batch, batch_gpu=o.batch_gpu, g_lr=o.glr,

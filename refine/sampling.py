@@ -127,8 +127,8 @@ def save_image(image, path):
     array = _as_uint8_nchw(image)[0].permute(1, 2, 0).numpy()
     _save_png_atomically(array, path)
 
-def save_image_grid(images, path, grid_w=None):
-    """Save images (NCHW, uint8 or float in [-1, 1]) as one PNG, row by row, grid_w per row."""
+def grid_array(images, grid_w=None):
+    """Images (NCHW, uint8 or float in [-1, 1]) tiled row by row, grid_w per row: uint8 HWC."""
     images = _as_uint8_nchw(images)
     n, c, h, w = images.shape
     grid_w = grid_w or max(int(math.ceil(math.sqrt(n))), 1)
@@ -136,7 +136,22 @@ def save_image_grid(images, path, grid_w=None):
     canvas = torch.zeros([grid_h * grid_w, c, h, w], dtype=torch.uint8)
     canvas[:n] = images
     canvas = canvas.reshape(grid_h, grid_w, c, h, w).permute(0, 3, 1, 4, 2) # gh, h, gw, w, c
-    _save_png_atomically(canvas.reshape(grid_h * h, grid_w * w, c).numpy(), path)
+    return canvas.reshape(grid_h * h, grid_w * w, c).numpy()
+
+def save_image_grid(images, path, grid_w=None):
+    """Save images (NCHW, uint8 or float in [-1, 1]) as one PNG, row by row, grid_w per row."""
+    _save_png_atomically(grid_array(images, grid_w), path)
+
+def save_side_by_side(image_sets, path, grid_w=None, gap=8):
+    """Several grids of the same layout next to each other, separated by grey gaps (one PNG)."""
+    grids = [grid_array(images, grid_w) for images in image_sets]
+    height = max(g.shape[0] for g in grids)
+    parts = []
+    for i, grid in enumerate(grids):
+        if i:
+            parts.append(np.full([height, gap, grid.shape[2]], 128, dtype=np.uint8))
+        parts.append(np.pad(grid, [(0, height - grid.shape[0]), (0, 0), (0, 0)]))
+    _save_png_atomically(np.concatenate(parts, axis=1), path)
 
 def save_scatter_png(points, path, size=512, margin=48, num_ticks=5):
     """Scatter plot of points [N, >=1] (first two coordinates) as a size x size PNG.

@@ -97,6 +97,16 @@ class PickledObject:
     def __repr__(self):
         return f'<PickledObject {self.class_name}>'
 
+    def __reduce__(self):
+        # Pickled again exactly as it was read, so a refined snapshot carries an object we
+        # could not rebuild (e.g. an ADA augment_pipe) on, byte for byte in its fields.
+        meta = dict(type=self.type, version=self.version, module_src=self.module_src,
+            class_name=self.class_name, state=self.state)
+        return (persistence._reconstruct_persistent_obj, (meta,)) # pylint: disable=protected-access
+
+    def __deepcopy__(self, memo):
+        return self # immutable data
+
 def _record_persistent_obj(meta):
     return PickledObject(meta)
 
@@ -173,6 +183,12 @@ class UnknownPersistentObject:
 
     def __repr__(self):
         return f'<UnknownPersistentObject {self.class_name}>'
+
+    def __reduce__(self):
+        return self.record.__reduce__()
+
+    def __deepcopy__(self, memo):
+        return self
 
 def _module_tree_items(state, prefix=''):
     """Yield (path, kind, name, value) for every tensor and module flag in a pickled module tree.

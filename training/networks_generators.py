@@ -7,6 +7,8 @@ every file that ends up inside pickles, this one imports only numpy, torch and
 torch_utils.persistence.
 """
 
+import inspect
+
 import torch
 
 from torch_utils import persistence
@@ -55,3 +57,74 @@ class LatentGenerator(torch.nn.Module):
 
     def forward(self, z, c=None):
         return self.net(z.to(torch.float32), c)
+
+@persistence.persistent_class
+class StyleGANGenerator(torch.nn.Module):
+    """A StyleGAN generator (`G(z, c, truncation_psi, noise_mode=...)`) as a refinement generator.
+
+    `train_params` chooses what refinement may change: 'all' (mapping and synthesis),
+    'synthesis' (the mapping network frozen) or 'mapping' (only the mapping network, so only
+    the distribution of w moves). The running average `mapping.w_avg`, which StyleGAN tools
+    use for truncation, is tracked in training-mode calls exactly when the mapping network is
+    trained, so it stays the mean w of the generator that is saved. `noise_mode` defaults to
+    'random', the distribution the GAN was trained to produce. fp16 blocks compute in fp32
+    off CUDA (`force_fp32=None`), where half-precision convolutions are slow or missing.
+    """
+    _record_init_args = False
+    TRAIN_CHOICES = ('all', 'synthesis', 'mapping')
+    NOISE_CHOICES = ('random', 'const', 'none')
+
+    def __init__(self, G, truncation_psi=1.0, noise_mode='random', train_params='all', force_fp32=None):
+        super().__init__()
+        if train_params not in self.TRAIN_CHOICES:
+            raise ValueError(f"train_params must be one of {', '.join(self.TRAIN_CHOICES)}, got {train_params!r}")
+        if noise_mode not in self.NOISE_CHOICES:
+            raise ValueError(f"noise_mode must be one of {', '.join(self.NOISE_CHOICES)}, got {noise_mode!r}")
+        self.G = G
+        self.truncation_psi = float(truncation_psi)
+        self.noise_mode = noise_mode
+        self.train_params = train_params
+        self.force_fp32 = force_fp32
+        self.label_dim = int(G.c_dim)
+        self.z_shape = (int(G.z_dim),)
+        self.out_shape = (int(G.img_channels), int(G.img_resolution), int(G.img_resolution))
+        self.is_vector = False
+        # StyleGAN3-style code tracks w_avg only when told (`update_emas`); StyleGAN2-ADA code
+        # has no such keyword and tracks it whenever the mapping network is in training mode.
+        self._pass_update_emas = 'update_emas' in inspect.signature(G.forward).parameters
+        self._init_args = ()
+        self._init_kwargs = dict(G=G, **self.options())
+
+    def options(self):
+        return dict(truncation_psi=self.truncation_psi, noise_mode=self.noise_mode,
+            train_params=self.train_params, force_fp32=self.force_fp32)
+
+    def snapshot_items(self, G):
+        """Snapshot entries (this is G_ema, `G` the trained copy): the bare StyleGAN networks,
+        so StyleGAN tools read the snapshot as theirs, and the options to wrap them again."""
+        return dict(G=G.G, G_ema=self.G, generator_options=self.options())
+
+    def trainable_parameters(self):
+        """The parameters refinement updates; the rest stay frozen."""
+        if self.train_params == 'synthesis':
+            return list(self.G.synthesis.parameters())
+        if self.train_params == 'mapping':
+            return list(self.G.mapping.parameters())
+        return list(self.G.parameters())
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.G.mapping.train(mode and self.train_params != 'synthesis') # the ADA rule for w_avg
+        return self
+
+    def forward(self, z, c=None):
+        if c is None:
+            c = torch.zeros([z.shape[0], self.label_dim], device=z.device)
+        force_fp32 = (z.device.type != 'cuda') if self.force_fp32 is None else bool(self.force_fp32)
+        kwargs = dict(update_emas=self.G.mapping.training) if self._pass_update_emas else {}
+        return self.G(z.to(torch.float32), c, truncation_psi=self.truncation_psi,
+            noise_mode=self.noise_mode, force_fp32=force_fp32, **kwargs)
+
+def is_stylegan_generator(module):
+    """StyleGAN2/3 generators, whichever code built them (checked by attribute)."""
+    return all(hasattr(module, name) for name in ('mapping', 'synthesis', 'z_dim', 'c_dim', 'img_resolution'))
