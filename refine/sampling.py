@@ -198,3 +198,62 @@ def save_scatter_png(points, path, size=512, margin=48, num_ticks=5):
         draw.line([margin - 7, y, margin - 2, y], fill=(0, 0, 0))
         draw.text((2, y - 5), f'{value_y:.3g}', fill=(0, 0, 0))
     _save_png_atomically(np.asarray(image), path)
+
+CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+
+def save_curve_png(series, path, hlines=None, title='', xlabel='', ylabel='', log_y=False,
+        width=640, height=400, margin=56, num_ticks=5):
+    """Line plot: `series` {label: (xs, ys)} as lines with dots, `hlines` {label: y} as dashed
+    horizontal lines (e.g. a teacher's metric to beat); a legend at the top right. PIL only."""
+    hlines = hlines or {}
+    xs_all = np.concatenate([np.asarray(x, dtype=np.float64) for x, _ in series.values()] or [np.zeros(1)])
+    ys_all = np.concatenate([np.asarray(y, dtype=np.float64) for _, y in series.values()] + [np.asarray(list(hlines.values()), dtype=np.float64)])
+    ty = np.log10 if log_y else (lambda v: np.asarray(v, dtype=np.float64))
+    finite = ys_all[np.isfinite(ys_all) & ((ys_all > 0) if log_y else True)]
+    y_lo, y_hi = (float(ty(finite).min()), float(ty(finite).max())) if len(finite) else (0.0, 1.0)
+    x_lo, x_hi = float(np.nanmin(xs_all)), float(np.nanmax(xs_all))
+    pad = 0.05 * ((y_hi - y_lo) or 1.0)
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    x_hi = x_hi if x_hi > x_lo else x_lo + 1.0
+
+    def px(x):
+        return margin + (x - x_lo) / (x_hi - x_lo) * (width - 2 * margin)
+
+    def py(y):
+        return height - margin - (ty(y) - y_lo) / (y_hi - y_lo) * (height - 2 * margin)
+
+    image = PIL.Image.new('RGB', (width, height), (255, 255, 255))
+    draw = PIL.ImageDraw.Draw(image)
+    draw.rectangle([margin, margin, width - margin, height - margin], outline=(0, 0, 0))
+    for k in range(num_ticks):
+        xv = x_lo + (x_hi - x_lo) * k / (num_ticks - 1)
+        yt = y_lo + (y_hi - y_lo) * k / (num_ticks - 1)
+        yv = 10 ** yt if log_y else yt
+        x, y = px(xv), py(yv)
+        draw.line([x, height - margin, x, height - margin + 5], fill=(0, 0, 0))
+        draw.text((x - 12, height - margin + 8), f'{xv:.3g}', fill=(0, 0, 0))
+        draw.line([margin - 5, y, margin, y], fill=(0, 0, 0))
+        draw.text((4, y - 5), f'{yv:.3g}', fill=(0, 0, 0))
+    draw.text((width / 2 - 4 * len(xlabel) / 2, height - margin + 24), xlabel, fill=(0, 0, 0))
+    draw.text((4, margin - 20), ylabel, fill=(0, 0, 0))
+    draw.text((width / 2 - 3 * len(title), 8), title, fill=(0, 0, 0))
+    legend = []
+    for i, (label, y) in enumerate(hlines.items()):
+        colour = CURVE_COLOURS[(len(series) + i) % len(CURVE_COLOURS)]
+        for x0 in range(margin, width - margin, 12):
+            draw.line([x0, py(y), min(x0 + 6, width - margin), py(y)], fill=colour, width=2)
+        legend.append((label, colour))
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
+        points = [(px(x), py(y)) for x, y in zip(xs, ys) if np.isfinite(y) and (y > 0 or not log_y)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        legend.insert(i, (label, colour))
+    for i, (label, colour) in enumerate(legend):
+        y = margin + 8 + 14 * i
+        draw.line([width - margin - 150, y + 5, width - margin - 130, y + 5], fill=colour, width=2)
+        draw.text((width - margin - 124, y), label, fill=(0, 0, 0))
+    _save_png_atomically(np.asarray(image), path)

@@ -196,6 +196,34 @@ def test_save_scatter_png(tmp_path):
         arr = np.asarray(im)
     assert ((arr == (31, 119, 180)).all(axis=2)).sum() >= 8 # two 2x2 dots
 
+def test_save_side_by_side_places_each_grid_and_a_grey_gap(tmp_path):
+    left = torch.full([4, 1, 2, 3], 10, dtype=torch.uint8)
+    right = torch.full([2, 1, 2, 3], 200, dtype=torch.uint8) # one row fewer: padded with black
+    path = tmp_path / 'pair.png'
+    sampling.save_side_by_side([left, right], str(path), grid_w=2, gap=5)
+    with PIL.Image.open(path) as im:
+        arr = np.asarray(im)
+    assert arr.shape == (4, 6 + 5 + 6)
+    assert (arr[:, :6] == 10).all() and (arr[:, 6:11] == 128).all()
+    assert (arr[:2, 11:] == 200).all() and (arr[2:, 11:] == 0).all()
+
+def test_save_curve_png_draws_series_and_reference_line(tmp_path):
+    path = tmp_path / 'curve.png'
+    sampling.save_curve_png({'student': ([0, 1, 2], [300.0, 100.0, 50.0])}, str(path),
+        hlines={'teacher': 80.0}, xlabel='kimg', ylabel='FD', log_y=True)
+    with PIL.Image.open(path) as im:
+        arr = np.asarray(im)
+    assert arr.shape == (400, 640, 3)
+    blue = (arr == sampling.CURVE_COLOURS[0]).all(axis=2)
+    red = (arr == sampling.CURVE_COLOURS[1]).all(axis=2)
+    assert blue.sum() > 100 and red.sum() > 100
+    # The dashed teacher line is horizontal: its pixels inside the frame share a few rows only.
+    rows = np.nonzero(red[:, 100:400].any(axis=1))[0] # left of the legend
+    assert rows.max() - rows.min() <= 2
+    # On a log axis 80 lies between 50 and 100, i.e. below the middle point (100) on screen.
+    mid_row = np.nonzero(blue[:, 320])[0].mean()
+    assert rows.min() > mid_row
+
 #----------------------------------------------------------------------------
 # training_stats and distributed (single process, and two gloo processes).
 

@@ -1,0 +1,122 @@
+"""A longer distillation of the shipped MNIST teacher: the student's metric against kimg, and the
+teacher's 35-NFE metric as the line to beat.
+
+Every `--snap` kimg the student's G_ema gets FD (fast detector, 5000 samples, against the whole
+MNIST training set: `metric-fd5k.jsonl`); at the end its FID (Inception, `--fid-num` samples,
+against `--inception-ref`) is compared with the teacher's from bench/mnist_teacher_reference.py.
+Writes curve.png (FD vs kimg with the teacher's line) and result.json in the run folder.
+Running the same command again continues the run where it stopped (exact resume).
+
+  OMP_NUM_THREADS=1 python bench/mnist_distill.py --kimg 60 --inception-ref out/mnist-train10k-inception.npz
+  # Every data-free divergence on the same teacher, generator and budget:
+  OMP_NUM_THREADS=1 python bench/mnist_distill.py --divergences di,sid,dmd,sim,fdiv,vardiu --kimg 6 --snap 2 \
+      --outdir out/mnist-divergences
+"""
+
+import json
+import os
+import sys
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from metrics import registry # pylint: disable=wrong-import-position
+from refine import generation, run, sampling # pylint: disable=wrong-import-position
+from torch_utils import train_utils # pylint: disable=wrong-import-position
+
+FAST_STATS = 'pretrained/mnist-train60k-fast.npz'
+
+def read_jsonl(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+def distil(divergence, teacher, teacher_metrics, outdir, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num):
+    """One (resumable) distillation run with FD at every snapshot; returns its result dict."""
+    run_dir = os.path.join(outdir, f'{divergence}-b{batch}-lr{lr:g}-glr{glr:g}')
+    resume_state = None
+    if os.path.isdir(run_dir):
+        try:
+            resume_state = train_utils.latest_training_state(run_dir)
+        except FileNotFoundError:
+            pass
+    os.makedirs(run_dir, exist_ok=True)
+    o = run.resolve_options(dict(teacher=teacher, gen='teacher', divergence=divergence, batch=batch,
+        lr=lr, glr=glr, ema=ema, kimg=kimg, tick=1.0, snap=snap, seed=0, metrics='fd5k',
+        metric_ref=FAST_STATS, allow_pickle_code=False))
+    torch.manual_seed(o.seed)
+    setup = run.prepare(o)
+    print(f'Run directory: {run_dir}' + (f' (continuing from {resume_state})' if resume_state else ''), flush=True)
+    start = time.time()
+    run.launch(setup, run_dir, resume_state=resume_state, log=lambda line: print(line, flush=True))
+    seconds = time.time() - start
+
+    curve = read_jsonl(os.path.join(run_dir, 'metric-fd5k.jsonl'))
+    kimgs = [r['kimg'] for r in curve]
+    fds = [r['results']['fd5k'] for r in curve]
+    hlines = {'teacher, 35 NFE': teacher_metrics['fd5000']} if 'fd5000' in teacher_metrics else {}
+    sampling.save_curve_png({f'student ({divergence}, 1 NFE)': (kimgs, fds)}, os.path.join(run_dir, 'curve.png'),
+        hlines=hlines, title='MNIST one-step distillation: FD (fast detector, 5000 samples) vs kimg',
+        xlabel='kimg', ylabel='FD', log_y=True)
+    stats = read_jsonl(os.path.join(run_dir, 'stats.jsonl'))
+    result = dict(divergence=divergence, run_dir=run_dir, kimg=kimgs[-1] if kimgs else None,
+        curve=list(zip(kimgs, fds)), this_call_seconds=seconds, teacher=teacher_metrics,
+        sec_per_kimg=sorted(r['sec_per_kimg'] for r in stats)[len(stats) // 2] if stats else None)
+    snapshot = os.path.join(run_dir, sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot'))[-1])
+    if inception_ref:
+        print(f'FID of {snapshot} ({fid_num} samples, Inception) ...', flush=True)
+        sample, _ = generation.load_for_generation(snapshot)
+        records = registry.compute_metrics([f'fid{fid_num}'], lambda seeds, _labels: sample(seeds),
+            ref=dict(inception=inception_ref), batch=100, progress=lambda s: print(s, flush=True))
+        result['student_fid'] = registry.flatten(records)[f'fid{fid_num}']
+        result['student_fid_snapshot'] = snapshot
+    with open(os.path.join(run_dir, 'result.json'), 'w') as f:
+        json.dump(result, f, indent=2)
+    print(f'Curve: {run_dir}/curve.png', flush=True)
+    return result
+
+@click.command(context_settings=dict(show_default=True))
+@click.option('--teacher', default='pretrained/edm-mnist32-cond.pkl')
+@click.option('--reference', default='pretrained/edm-mnist32-cond-reference.json', help='Teacher metrics (bench/mnist_teacher_reference.py)')
+@click.option('--outdir', default='out/mnist-distill')
+@click.option('--divergences', default='di', help='Comma-separated; each gets the same budget')
+@click.option('--kimg', default=60.0, help='Total distillation length [kimg]')
+@click.option('--snap', default=4, help='Metric interval [kimg]')
+@click.option('--batch', default=32)
+@click.option('--lr', default=1e-4, help='Fake-score learning rate')
+@click.option('--glr', default=1e-4, help='Generator learning rate')
+@click.option('--ema', default=1.0, help='EMA half-life [kimg]')
+@click.option('--inception-ref', default=None, help='Inception statistics (.npz) for the final FID')
+@click.option('--fid-num', default=5000, help='Samples for the final FID')
+def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num):
+    for path, flag in ((teacher, '--teacher'), (inception_ref, '--inception-ref')):
+        if path is not None and not os.path.exists(path):
+            raise click.BadParameter(f'{path}: no such file', param_hint=flag)
+    teacher_metrics = {}
+    if os.path.isfile(reference):
+        with open(reference) as f:
+            teacher_metrics = json.load(f).get('metrics', {})
+    results = [distil(d, teacher, teacher_metrics, outdir, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num)
+        for d in divergences.split(',')]
+
+    kimgs = sorted({k for r in results for k, _ in r['curve']})
+    print('
+| kimg | ' + ' | '.join(f"{r['divergence']} FD (fast, 5k)" for r in results) + ' |')
+    print('|---' * (len(results) + 1) + '|')
+    for k in kimgs:
+        cells = [next((f'{fd:.2f}' for kk, fd in r['curve'] if kk == k), '') for r in results]
+        print(f'| {k:g} | ' + ' | '.join(cells) + ' |')
+    print('| sec/kimg (median tick) | ' + ' | '.join(f"{r['sec_per_kimg']:.0f}" for r in results) + ' |')
+    if 'fd5000' in teacher_metrics:
+        print(f"
+Teacher (35 NFE): FD {teacher_metrics['fd5000']:.2f}"
+              + (f", FID {teacher_metrics[f'fid{fid_num}']:.2f}" if f'fid{fid_num}' in teacher_metrics else ''))
+    for r in results:
+        if 'student_fid' in r:
+            print(f"{r['divergence']}: FID ({fid_num} samples, Inception) {r['student_fid']:.2f}")
+
+if __name__ == '__main__':
+    main() # pylint: disable=no-value-for-parameter
