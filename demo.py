@@ -44,9 +44,6 @@ def timed(fn, *args):
 @click.option('--kimg', default=6.0, help='Distillation length [kimg]')
 @click.option('--outdir', default='out/demo')
 def main(kimg, outdir):
-    with open(TEACHER_REFERENCE) as f:
-        reference = json.load(f)
-    teacher_fd = reference['metrics'][f'fd{NUM_EVAL}']
     print(f'Distilling {os.path.relpath(TEACHER)} into a one-step generator with Diff-Instruct '
           f'({kimg:g} kimg) ...', flush=True)
     o = run.resolve_options(dict(teacher=TEACHER, gen='teacher', divergence='di', batch=32,
@@ -71,6 +68,11 @@ def main(kimg, outdir):
     grid_path = os.path.join(run_dir, 'teacher-vs-student.png')
     sampling.save_side_by_side([teacher_grid, student_grid], grid_path, grid_w=5)
 
+    reference = {}
+    if os.path.isfile(TEACHER_REFERENCE):
+        with open(TEACHER_REFERENCE) as f:
+            reference = json.load(f)
+    teacher_fd = reference.get('metrics', {}).get(f'fd{NUM_EVAL}', float('nan'))
     rows = [('teacher', teacher_meta.nfe, teacher_fd, 1e3 * teacher_seconds / 50),
             ('student', 1, student_fd, 1e3 * student_grid_seconds / 50)]
     print(f"\n{'':10s}{'NFE':>5s}{'FD ' + str(NUM_EVAL):>10s}{'ms/image':>10s}")
@@ -78,8 +80,12 @@ def main(kimg, outdir):
         print(f'{name:10s}{nfe:5d}{fd:10.2f}{ms:10.1f}')
     print(f"\nStudent FD / teacher FD = {student_fd / teacher_fd:.2f} after {train_seconds / 60:.1f} min "
           f"of distillation; the student is {rows[0][3] / rows[1][3]:.0f}x faster per image.")
-    print(f"Teacher FD: {reference['num_samples']} samples, from {os.path.relpath(TEACHER_REFERENCE)} "
-          f"(made by: {reference['command']}).")
+    if reference:
+        print(f"Teacher FD: {reference['num_samples']} samples, from {os.path.relpath(TEACHER_REFERENCE)} "
+              f"(made by: {reference['command']}).")
+    else:
+        print(f'Teacher FD not measured: {os.path.relpath(TEACHER_REFERENCE)} is missing '
+              '(python bench/mnist_teacher_reference.py writes it).')
     print(f'Grid (teacher | student, a row per class): {grid_path}')
     print(f'Snapshot: {snapshot}  (python generate.py --network {snapshot} --outdir out/samples)')
 

@@ -7,7 +7,7 @@ against `--inception-ref`) is compared with the teacher's from bench/mnist_teach
 Writes curve.png (FD vs kimg with the teacher's line) and result.json in the run folder.
 Running the same command again continues the run where it stopped (exact resume).
 
-  OMP_NUM_THREADS=1 python bench/mnist_distill.py --kimg 60 --inception-ref out/mnist-train10k-inception.npz
+  OMP_NUM_THREADS=1 python bench/mnist_distill.py --kimg 60 --inception-ref out/mnist-train5k-inception.npz
   # Every data-free divergence on the same teacher, generator and budget:
   OMP_NUM_THREADS=1 python bench/mnist_distill.py --divergences di,sid,dmd,sim,fdiv,vardiu --kimg 6 --snap 2 \
       --outdir out/mnist-divergences

@@ -6,10 +6,10 @@ Then computes FD with the fast detector against the whole MNIST training set and
 `--inception-ref` is given, FID with Inception against those reference statistics, and writes
 both with the timing to `--dest` (JSON), which `make demo` and bench/mnist_distill.py read.
 
-  python dataset_tool.py --source mnist --split train --max-images 10000 --dest datasets/mnist-32x32-train10k.zip
-  python fid.py ref --data datasets/mnist-32x32-train10k.zip --dest out/mnist-train10k-inception.npz
+  python dataset_tool.py --source mnist --split train --max-images 5000 --dest datasets/mnist-32x32-train5k.zip
+  python fid.py ref --data datasets/mnist-32x32-train5k.zip --dest out/mnist-train5k-inception.npz
   OMP_NUM_THREADS=1 python bench/mnist_teacher_reference.py --num 5000 \\
-      --inception-ref out/mnist-train10k-inception.npz
+      --inception-ref out/mnist-train5k-inception.npz
 """
 
 import json

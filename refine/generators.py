@@ -17,8 +17,8 @@ from training import networks_generators, networks_mlp
 class SetupError(ValueError):
     """A user's choice of generator, teacher or options that cannot work; one line."""
 
-# What a StyleGAN snapshot carries besides its generators, kept so that the refined pickle
-# is again a complete StyleGAN pickle (NVlabs key order).
+# What a StyleGAN snapshot carries besides its generators, carried into the refined pickle so
+# that it is again a complete StyleGAN snapshot.
 STYLEGAN_COMPANIONS = ('D', 'augment_pipe', 'training_set_kwargs')
 
 def build_generator(spec, teacher, sigma_init=None, allow_code=False, mlp_kwargs=None, stylegan_kwargs=None):
