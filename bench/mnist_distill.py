@@ -103,16 +103,14 @@ def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, em
         for d in divergences.split(',')]
 
     kimgs = sorted({k for r in results for k, _ in r['curve']})
-    print('
-| kimg | ' + ' | '.join(f"{r['divergence']} FD (fast, 5k)" for r in results) + ' |')
+    print('\n| kimg | ' + ' | '.join(f"{r['divergence']} FD (fast, 5k)" for r in results) + ' |')
     print('|---' * (len(results) + 1) + '|')
     for k in kimgs:
         cells = [next((f'{fd:.2f}' for kk, fd in r['curve'] if kk == k), '') for r in results]
         print(f'| {k:g} | ' + ' | '.join(cells) + ' |')
     print('| sec/kimg (median tick) | ' + ' | '.join(f"{r['sec_per_kimg']:.0f}" for r in results) + ' |')
     if 'fd5000' in teacher_metrics:
-        print(f"
-Teacher (35 NFE): FD {teacher_metrics['fd5000']:.2f}"
+        print(f"\nTeacher (35 NFE): FD {teacher_metrics['fd5000']:.2f}"
               + (f", FID {teacher_metrics[f'fid{fid_num}']:.2f}" if f'fid{fid_num}' in teacher_metrics else ''))
     for r in results:
         if 'student_fid' in r:

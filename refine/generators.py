@@ -88,6 +88,8 @@ def check_compatible(G, teacher):
     if problems:
         raise SetupError('incompatible --gen and --teacher: ' + '; '.join(problems))
 
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())
+def count_parameters(module, trainable_only=False):
+    """All parameters, or those refinement trains (a generator's `trainable_parameters()`)."""
+    params = module.trainable_parameters() if trainable_only and hasattr(module, 'trainable_parameters') else module.parameters()
+    return sum(p.numel() for p in params)
 

@@ -67,7 +67,7 @@ def prepare(o):
         teacher=dict(kind=type(teacher).__name__, shape=list(teacher.shape), label_dim=teacher.label_dim,
             sigma_data=teacher.sigma_data, sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max),
         generator=dict(kind=type(G).__name__, params=generators.count_parameters(G),
-            trained_params=sum(p.numel() for p in (G.trainable_parameters() if hasattr(G, 'trainable_parameters') else G.parameters())),
+            trained_params=generators.count_parameters(G, trainable_only=True),
             sigma_init=getattr(G, 'sigma_init', None), **(G.options() if hasattr(G, 'options') else {})),
         fake_score=dict(kind=type(fake).__name__, params=generators.count_parameters(fake)),
         divergence=divergence.options(), processes=world)
