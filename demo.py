@@ -8,7 +8,7 @@ space (FD, not comparable with published FIDs) on 5000 samples is printed beside
 per image of both, and a side-by-side grid (teacher | student, one row per class, the same
 seeds) is written to out/demo/<run>/teacher-vs-student.png.
 
-  python demo.py                # about 10 minutes on 2 CPU cores
+  python demo.py                # about 5 minutes on 2 idle CPU cores
   python demo.py --kimg 2       # shorter
 """
 
@@ -52,7 +52,7 @@ def main(kimg, outdir):
     setup = run.prepare(o)
     run_dir = train_utils.next_run_dir(outdir, f'di-mnist-{kimg:g}kimg')
     os.makedirs(run_dir)
-    _, train_seconds = timed(run.launch, setup, run_dir)
+    _, train_seconds = timed(run.launch, setup, run_dir, None, lambda line: print(line, flush=True))
     snapshot = os.path.join(run_dir, sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot'))[-1])
 
     print(f'\nMeasuring the student (FD, fast detector, {NUM_EVAL} samples) ...', flush=True)

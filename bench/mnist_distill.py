@@ -34,7 +34,7 @@ def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
-def distil(divergence, teacher, teacher_metrics, outdir, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num):
+def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num):
     """One (resumable) distillation run with FD at every snapshot; returns its result dict."""
     run_dir = os.path.join(outdir, f'{divergence}-b{batch}-lr{lr:g}-glr{glr:g}')
     resume_state = None
@@ -54,6 +54,7 @@ def distil(divergence, teacher, teacher_metrics, outdir, kimg, snap, batch, lr, 
     run.launch(setup, run_dir, resume_state=resume_state, log=lambda line: print(line, flush=True))
     seconds = time.time() - start
 
+    teacher_metrics = read_teacher_metrics(reference) # read now: it may have been written meanwhile
     curve = read_jsonl(os.path.join(run_dir, 'metric-fd5k.jsonl'))
     kimgs = [r['kimg'] for r in curve]
     fds = [r['results']['fd5k'] for r in curve]
@@ -78,6 +79,12 @@ def distil(divergence, teacher, teacher_metrics, outdir, kimg, snap, batch, lr, 
     print(f'Curve: {run_dir}/curve.png', flush=True)
     return result
 
+def read_teacher_metrics(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get('metrics', {})
+
 @click.command(context_settings=dict(show_default=True))
 @click.option('--teacher', default='pretrained/edm-mnist32-cond.pkl')
 @click.option('--reference', default='pretrained/edm-mnist32-cond-reference.json', help='Teacher metrics (bench/mnist_teacher_reference.py)')
@@ -95,13 +102,10 @@ def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, em
     for path, flag in ((teacher, '--teacher'), (inception_ref, '--inception-ref')):
         if path is not None and not os.path.exists(path):
             raise click.BadParameter(f'{path}: no such file', param_hint=flag)
-    teacher_metrics = {}
-    if os.path.isfile(reference):
-        with open(reference) as f:
-            teacher_metrics = json.load(f).get('metrics', {})
-    results = [distil(d, teacher, teacher_metrics, outdir, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num)
+    results = [distil(d, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num)
         for d in divergences.split(',')]
 
+    teacher_metrics = read_teacher_metrics(reference)
     kimgs = sorted({k for r in results for k, _ in r['curve']})
     print('\n| kimg | ' + ' | '.join(f"{r['divergence']} FD (fast, 5k)" for r in results) + ' |')
     print('|---' * (len(results) + 1) + '|')
