@@ -43,3 +43,10 @@ class Divergence:
 def surrogate(direction, x_g):
     """Per-sample loss whose gradient w.r.t. x_g is `direction` (held constant)."""
     return (direction.detach() * x_g).flatten(1).sum(1)
+
+def noised_denoisers(teacher, fake, x_g, sigma, labels, rnd):
+    """x_t = x_g + σ·n (detached) and both denoisers there, without gradients: the evaluation
+    every stop-gradient method (DI, DMD, f-distill) starts from."""
+    x_t = (x_g + noise.expand_like(sigma, x_g) * rnd.randn(*x_g.shape[1:])).detach()
+    with torch.no_grad():
+        return x_t, teacher(x_t, sigma, labels), fake(x_t, sigma, labels)

@@ -12,7 +12,7 @@ sigma_data / 0.5 for data not on EDM's image scale).
 import torch
 
 from refine import noise
-from refine.divergences.base import Divergence, surrogate
+from refine.divergences.base import Divergence, noised_denoisers, surrogate
 
 class DiffInstruct(Divergence):
     name = 'di'
@@ -33,10 +33,7 @@ class DiffInstruct(Divergence):
 
     def generator_loss(self, teacher, fake, x_g, labels, rnd):
         sigma = self.gen_sigma.sample(rnd)
-        x_t = (x_g + noise.expand_like(sigma, x_g) * rnd.randn(*x_g.shape[1:])).detach()
-        with torch.no_grad():
-            d_teacher = teacher(x_t, sigma, labels)
-            d_fake = fake(x_t, sigma, labels)
+        x_t, d_teacher, d_fake = noised_denoisers(teacher, fake, x_g, sigma, labels, rnd)
         # w(σ)(s_ψ − s_φ) = w(σ)/σ² · (D_ψ − D_φ)
         direction = noise.expand_like(self.denoiser_weight(sigma), x_g) * (d_fake - d_teacher)
         stats = dict(sigma=sigma, grad_norm=direction.flatten(1).norm(dim=1))

@@ -24,7 +24,7 @@ Decisions:
 import torch
 
 from refine import noise
-from refine.divergences.base import Divergence, surrogate
+from refine.divergences.base import Divergence, noised_denoisers, surrogate
 from refine.divergences.sid import mean_abs_normaliser
 
 class DistributionMatching(Divergence):
@@ -43,12 +43,10 @@ class DistributionMatching(Divergence):
     def direction(self, teacher, fake, x_g, labels, rnd):
         """σ, the (undetached) teacher and fake denoisers at x_t, and the DMD direction g."""
         sigma = self.gen_sigma.sample(rnd)
-        x_t = (x_g + noise.expand_like(sigma, x_g) * rnd.randn(*x_g.shape[1:])).detach()
-        with torch.no_grad():
-            d_teacher = teacher(x_t, sigma, labels)
-            d_fake = fake(x_t, sigma, labels)
-            direction = d_fake - d_teacher
-            if self.normalise:
+        x_t, d_teacher, d_fake = noised_denoisers(teacher, fake, x_g, sigma, labels, rnd)
+        direction = d_fake - d_teacher
+        if self.normalise:
+            with torch.no_grad():
                 direction = direction / mean_abs_normaliser(x_g, d_teacher)
         return sigma, x_t, d_teacher, d_fake, direction
 

@@ -38,7 +38,7 @@ import math
 import torch
 
 from refine import noise
-from refine.divergences.base import Divergence, surrogate
+from refine.divergences.base import Divergence, noised_denoisers, surrogate
 from refine.divergences.sid import mean_abs_normaliser
 from refine.divergences.vardiu import NoiseConditionedMLP
 
@@ -129,10 +129,8 @@ class FDivergence(Divergence):
 
     def generator_loss(self, teacher, fake, x_g, labels, rnd):
         sigma = self.gen_sigma.sample(rnd)
-        x_t = (x_g + noise.expand_like(sigma, x_g) * rnd.randn(*x_g.shape[1:])).detach()
+        x_t, d_teacher, d_fake = noised_denoisers(teacher, fake, x_g, sigma, labels, rnd)
         with torch.no_grad():
-            d_teacher = teacher(x_t, sigma, labels)
-            d_fake = fake(x_t, sigma, labels)
             r, h = self.weights(x_t, sigma, labels)
             direction = noise.expand_like(h.to(x_g.dtype), x_g) * (d_fake - d_teacher)
             if self.normalise:
