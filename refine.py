@@ -75,6 +75,7 @@ def parse_div_opts(pairs):
 @click.option('--fake-steps',   help='Fake-score updates per generator update', type=click.IntRange(min=1), default=None)
 @click.option('--ema',          help='EMA half-life of the generator [kimg]', type=click.FloatRange(min=0), default=None)
 @click.option('--kimg',         help='Training duration [kimg]', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--max-minutes',  help='Also stop (snapshot and state) at the first tick after this many minutes; --resume continues', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--tick',         help='Progress interval [kimg]', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--snap',         help='Snapshot interval [ticks]', type=click.IntRange(min=1), default=None)
 @click.option('--seed',         help='Random seed', type=int, default=None)
@@ -97,6 +98,7 @@ def main(**opts):
             saved = json.load(f)
         if opts['kimg'] is not None:
             saved['kimg'] = opts['kimg']
+        saved['max_minutes'] = opts['max_minutes'] # a limit of this invocation, not of the run
         opts = dict(saved, resume=opts['resume'], dry_run=opts['dry_run'],
             allow_pickle_code=opts['allow_pickle_code'])
         if opts.get('div_opt') is None:
@@ -125,7 +127,7 @@ def main(**opts):
         if distributed.is_main():
             os.makedirs(run_dir)
             with open(os.path.join(run_dir, 'options.json'), 'w') as f:
-                json.dump({k: v for k, v in o.items() if k not in ('resume', 'dry_run')}, f, indent=2)
+                json.dump({k: v for k, v in o.items() if k not in ('resume', 'dry_run', 'max_minutes')}, f, indent=2)
     distributed.print0(f'Run directory: {run_dir}')
     run.launch(setup, run_dir, resume_state=resume_state)
 

@@ -9,6 +9,10 @@ snapshot and `training-state.pt`; running the same command again continues from 
 
   python dataset_tool.py --source mnist --split train --dest datasets/mnist-32x32.zip
   OMP_NUM_THREADS=1 python bench/train_stylegan2_mnist.py --kimg 100 --outdir out/stylegan2-mnist
+
+Each tick prints `zstd`, the standard deviation over z of G_ema's images for fixed labels: a
+falling zstd is mode collapse. With `--fd-ref` every snapshot also gets FD (fast detector,
+5000 samples) in metric-fd5k.jsonl.
 """
 
 import copy
@@ -36,13 +40,33 @@ def load_dataset(path):
     labels = torch.from_numpy(np.stack([dataset.get_label(i) for i in range(len(dataset))]))
     return images, labels, dict(dataset_kwargs, resolution=dataset.resolution, max_size=len(dataset))
 
-def build_networks(resolution, channels, c_dim, z_dim, cbase, cmax):
+def build_networks(resolution, channels, c_dim, z_dim, cbase, cmax, map_layers):
     common = dict(c_dim=c_dim, img_resolution=resolution, img_channels=channels)
-    G = sg2.Generator(z_dim=z_dim, w_dim=z_dim, mapping_kwargs=dict(num_layers=2),
+    G = sg2.Generator(z_dim=z_dim, w_dim=z_dim, mapping_kwargs=dict(num_layers=map_layers),
         synthesis_kwargs=dict(channel_base=cbase, channel_max=cmax, architecture='skip'), **common)
     D = sg2.Discriminator(channel_base=cbase, channel_max=cmax, architecture='resnet',
         epilogue_kwargs=dict(mbstd_group_size=4), **common)
     return G, D
+
+@torch.no_grad()
+def latent_spread(G, z_dim, c_dim, device, per_label=8):
+    """Mean over pixels of the std over z of G's images, 8 latents per label (fixed noise):
+    about 0.5-1 for a generator that uses its latent, near 0 once it has collapsed."""
+    n = per_label * max(c_dim, 1)
+    gen = torch.Generator(device).manual_seed(0)
+    c = torch.eye(c_dim, device=device)[torch.arange(n, device=device) % c_dim] if c_dim else None
+    x = G(torch.randn([n, z_dim], generator=gen, device=device), c, noise_mode='const')
+    x = x.reshape(per_label, c_dim, *x.shape[1:]) if c_dim else x
+    return x.std(dim=0).mean().item()
+
+def snapshot_fd(G_ema, ref, device):
+    """FD (fast detector) of 5000 samples at truncation 1, random noise, generate.py's seeds."""
+    from metrics import registry # pylint: disable=import-outside-toplevel
+    G = G_ema.eval()
+    torch.manual_seed(0)
+    sample = registry.generator_sample_fn(G, device)
+    records = registry.compute_metrics('fd5k', sample, num_labels=G.c_dim, ref=ref, device=device)
+    return float(list(records['fd5k']['results'].values())[0])
 
 def d_logistic_r1(D, reals, c, fakes, gamma, do_r1, r1_interval):
     """Non-saturating D loss; every r1_interval-th step also gamma/2 * |grad D(real)|^2,
@@ -69,14 +93,22 @@ def d_logistic_r1(D, reals, c, fakes, gamma, do_r1, r1_interval):
 @click.option('--z-dim', default=64)
 @click.option('--tick', default=4.0, help='Progress interval [kimg]')
 @click.option('--snap', default=5, help='Snapshot interval [ticks]')
+@click.option('--map-layers', default=2, help='Mapping network depth')
 @click.option('--seed', default=0)
-def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_dim, tick, snap, seed):
+@click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
+@click.option('--max-minutes', default=None, type=float, help='Also stop (snapshot and state) after this long')
+@click.option('--fd-ref', default=None, help='FD (fast detector, 5000 samples) at each snapshot against this .npz')
+def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_dim, map_layers, tick, snap,
+        seed, device, max_minutes, fd_ref):
     torch.manual_seed(seed)
+    device = torch.device(device)
     try:
         images, labels, dataset_kwargs = load_dataset(data)
     except (OSError, ValueError) as e:
         raise click.BadParameter(f'{data}: {e}', param_hint='--data') from None
-    G, D = build_networks(images.shape[-1], images.shape[1], labels.shape[1], z_dim, cbase, cmax)
+    images, labels = images.to(device), labels.to(device)
+    G, D = build_networks(images.shape[-1], images.shape[1], labels.shape[1], z_dim, cbase, cmax, map_layers)
+    G, D = G.to(device), D.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     ratio = r1_interval / (r1_interval + 1) # lazy-regularisation correction of D's Adam
     g_opt = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.99), eps=1e-8)
@@ -85,37 +117,40 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
     state_path = os.path.join(outdir, 'training-state.pt')
     cur_nimg, step = 0, 0
     if os.path.isfile(state_path):
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location=device)
         for module, key in ((G, 'G'), (D, 'D'), (G_ema, 'G_ema'), (g_opt, 'g_opt'), (d_opt, 'd_opt')):
             module.load_state_dict(state[key])
         cur_nimg, step = state['cur_nimg'], state['step']
-        torch.set_rng_state(state['rng'])
+        torch.set_rng_state(state['rng'].cpu())
+        if device.type == 'cuda' and 'cuda_rng' in state:
+            torch.cuda.set_rng_state(state['cuda_rng'].cpu(), device)
         print(f'Continuing {outdir} from {cur_nimg / 1e3:.1f} kimg')
     with open(os.path.join(outdir, 'options.json'), 'w') as f:
         json.dump(dict(data=data, kimg=kimg, batch=batch, lr=lr, gamma=gamma, r1_interval=r1_interval,
-            ema=ema, cbase=cbase, cmax=cmax, z_dim=z_dim, seed=seed), f, indent=2)
+            ema=ema, cbase=cbase, cmax=cmax, z_dim=z_dim, map_layers=map_layers, seed=seed), f, indent=2)
     print(f'G {sum(p.numel() for p in G.parameters()) / 1e6:.2f} M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f} M '
           f'parameters; {len(images)} images; training to {kimg} kimg')
 
     grid_g = torch.Generator().manual_seed(123)
-    grid_z = torch.randn([100, z_dim], generator=grid_g)
-    grid_c = torch.eye(labels.shape[1])[torch.arange(100) % labels.shape[1]]
+    grid_z = torch.randn([100, z_dim], generator=grid_g).to(device)
+    grid_c = torch.eye(labels.shape[1])[torch.arange(100) % labels.shape[1]].to(device)
     start, tick_start, tick_nimg, ticks = time.time(), time.time(), cur_nimg, 0
     losses = dict(G=[], D=[])
-    while cur_nimg < kimg * 1000:
-        idx = torch.randint(0, len(images), [batch])
+    done = cur_nimg >= kimg * 1000
+    while not done:
+        idx = torch.randint(0, len(images), [batch], device=device)
         reals = images[idx].to(torch.float32) / 127.5 - 1
         c_real = labels[idx]
-        c_gen = labels[torch.randint(0, len(images), [batch])] # the dataset's label distribution
+        c_gen = labels[torch.randint(0, len(images), [batch], device=device)] # the dataset's label distribution
         # G: non-saturating logistic loss.
         G.requires_grad_(True); D.requires_grad_(False)
-        fakes = G(torch.randn([batch, z_dim]), c_gen)
+        fakes = G(torch.randn([batch, z_dim], device=device), c_gen)
         g_loss = F.softplus(-D(fakes, c_gen)).mean()
         g_opt.zero_grad(set_to_none=True); g_loss.backward(); g_opt.step()
         # D: logistic loss on fresh fakes, lazy R1 on reals.
         G.requires_grad_(False); D.requires_grad_(True)
         with torch.no_grad():
-            fakes = G(torch.randn([batch, z_dim]), c_gen)
+            fakes = G(torch.randn([batch, z_dim], device=device), c_gen)
         d_loss = d_logistic_r1(D, reals, c_real, fakes, gamma, step % r1_interval == 0, r1_interval)
         d_opt.zero_grad(set_to_none=True); d_loss.backward(); d_opt.step()
         losses['G'].append(g_loss.item()); losses['D'].append(d_loss.item())
@@ -128,9 +163,12 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
             continue
         ticks += 1
         now = time.time()
+        done = done or (max_minutes is not None and now - start >= max_minutes * 60)
+        spread = latent_spread(G_ema, z_dim, labels.shape[1], device)
         print(f'kimg {cur_nimg / 1e3:<7.1f} time {dnnlib.util.format_time(now - start):<9s} '
               f'sec/kimg {(now - tick_start) / ((cur_nimg - tick_nimg) / 1e3):<6.1f} '
-              f'loss_G {np.mean(losses["G"]):<7.3f} loss_D {np.mean(losses["D"]):<7.3f}', flush=True)
+              f'loss_G {np.mean(losses["G"]):<7.3f} loss_D {np.mean(losses["D"]):<7.3f} '
+              f'zstd {spread:.3f}', flush=True)
         losses = dict(G=[], D=[])
         tick_start, tick_nimg = now, cur_nimg
         if done or ticks % snap == 0:
@@ -142,10 +180,16 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
             with torch.no_grad():
                 sampling.save_image_grid(G_ema(grid_z, grid_c, noise_mode='const'),
                     os.path.join(outdir, f'samples-{kimg_done:06d}.png'), grid_w=10)
+            if fd_ref is not None:
+                fd = snapshot_fd(G_ema, fd_ref, device)
+                print(f'fd5k {fd:.2f} at {cur_nimg / 1e3:.1f} kimg', flush=True)
+                with open(os.path.join(outdir, 'metric-fd5k.jsonl'), 'a') as f:
+                    f.write(json.dumps(dict(kimg=cur_nimg / 1e3, fd5k=fd, zstd=spread, snapshot=f'network-snapshot-{kimg_done:06d}.pkl')) + '\n')
             tmp = f'{state_path}.tmp'
             torch.save(dict(G=G.state_dict(), D=D.state_dict(), G_ema=G_ema.state_dict(),
                 g_opt=g_opt.state_dict(), d_opt=d_opt.state_dict(), cur_nimg=cur_nimg, step=step,
-                rng=torch.get_rng_state()), tmp)
+                rng=torch.get_rng_state(),
+                **(dict(cuda_rng=torch.cuda.get_rng_state(device)) if device.type == 'cuda' else {})), tmp)
             os.replace(tmp, state_path)
     print('Done.')
 

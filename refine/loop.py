@@ -45,6 +45,7 @@ def refinement_loop(
     ema_halflife_kimg   = 0.5,      # Half-life of the generator EMA.
     ema_rampup          = 0.05,     # EMA ramp-up: half-life <= this fraction of images seen; None = off.
     total_kimg          = 100,      # Training duration.
+    time_limit_s        = None,     # Also stop at the first tick after this many seconds (snapshot and state included).
     kimg_per_tick       = 1,        # Progress line and statistics interval.
     snapshot_ticks      = 10,       # Snapshot (pickle, grid) interval in ticks; None = only at the end.
     state_ticks         = None,     # Training-state interval in ticks; None = with the snapshots.
@@ -185,6 +186,8 @@ def refinement_loop(
         # End of tick: statistics, progress, snapshots, training state.
         cur_tick += 1
         now = time.time()
+        if time_limit_s is not None and not done: # rank 0's clock decides for every process
+            done = distributed.all_gather_object(now - start_time >= time_limit_s)[0]
         summary = stats.update().as_dict()
         tick_kimg = (cur_nimg - tick_start_nimg) / 1e3
         record = dict(tick=cur_tick, kimg=cur_nimg / 1e3, time=now - start_time,

@@ -2,6 +2,7 @@
 on its snapshot, and torchrun with 2 processes giving the same generator as 1."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -86,6 +87,20 @@ def test_distil_snapshot_resume_generate(teacher_pkl, tmp_path):
         '--seeds', '0-3', '--batch', '2'], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(tmp_path / 'img'))[:4] == ['000000.png', '000001.png', '000002.png', '000003.png']
+
+def test_max_minutes_stops_at_a_tick_with_a_resumable_state(teacher_pkl, tmp_path):
+    # A limit shorter than one iteration: the run stops at its first tick instead of 10 kimg,
+    # writing the snapshot and the training state that the end of a run writes.
+    out = _refine(['--teacher', teacher_pkl, '--outdir', str(tmp_path), '--kimg', '10', '--max-minutes', '1e-6', *BASE])
+    assert 'tick 1 ' in out and 'tick 2 ' not in out
+    run_dir = _run_dir(tmp_path)
+    states = glob.glob(os.path.join(run_dir, 'training-state-*.pt'))
+    assert len(states) == 1 and torch.load(states[0], weights_only=True)['cur_nimg'] == 8
+    assert glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl'))
+    with open(os.path.join(run_dir, 'options.json')) as f:
+        assert 'max_minutes' not in json.load(f) # a limit of one invocation, not of the run
+    out = _refine(['--resume', run_dir, '--kimg', '0.016'])
+    assert 'Resuming' in out and 'tick 2 ' in out
 
 def test_incompatible_generator_is_a_clean_error(teacher_pkl, tmp_path):
     other = networks_edm.EDMPrecond(img_resolution=16, img_channels=1, label_dim=2, model_type='SongUNet',

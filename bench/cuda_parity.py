@@ -1,0 +1,100 @@
+"""CPU vs CUDA parity of the networks, forward and backward, in fp32 (TF32 off) and fp16.
+
+Every network is built once with fixed weights, run on the CPU and on the GPU with the same
+inputs (StyleGAN noise 'const'), and compared by relative error ||gpu - cpu|| / ||cpu|| of the
+outputs and of the gradients of the input and of every parameter. fp32 rows must stay below
+--tol; fp16 rows (StyleGAN's num_fp16_res with conv_clamp) are printed for information.
+Exits with status 1 if an fp32 row fails.
+
+  python bench/cuda_parity.py                      # needs a CUDA device
+  python bench/cuda_parity.py --teacher pretrained/edm-mnist32-cond.pkl
+"""
+
+import copy
+import os
+import sys
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from refine import teachers # pylint: disable=wrong-import-position
+from training import networks_edm, networks_stylegan2 as sg2 # pylint: disable=wrong-import-position
+
+def rel_err(a, b):
+    return ((a.double() - b.double().cpu()).norm() / a.double().norm().clamp_min(1e-30)).item()
+
+def compare(name, net, make_inputs, call, device):
+    """Worst relative error over the output and all gradients (input and parameters)."""
+    results = []
+    for dev in (torch.device('cpu'), device):
+        torch.manual_seed(0)
+        inputs = [x.to(dev).requires_grad_(x.is_floating_point()) if x is not None else None for x in make_inputs()]
+        module = copy.deepcopy(net).to(dev).requires_grad_(True)
+        out = call(module, *inputs)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dev)
+        (out.float() * weight).sum().backward()
+        grads = {'input': inputs[0].grad}
+        grads.update({n: p.grad for n, p in module.named_parameters() if p.grad is not None})
+        results.append((out.detach().float(), grads))
+    (out_cpu, g_cpu), (out_gpu, g_gpu) = results
+    errors = dict(output=rel_err(out_cpu, out_gpu))
+    errors.update({f'grad {k}': rel_err(g_cpu[k], g_gpu[k]) for k in g_cpu if g_cpu[k].norm() > 0})
+    worst = max(errors, key=errors.get)
+    return name, errors['output'], worst, errors[worst], len(errors) - 1
+
+def stylegan_cases(fp16):
+    common = dict(z_dim=64, w_dim=64, c_dim=10, img_resolution=32, img_channels=1)
+    extra = dict(num_fp16_res=2, conv_clamp=256) if fp16 else {}
+    for arch in ('orig', 'skip', 'resnet'):
+        G = sg2.Generator(**common, mapping_kwargs=dict(num_layers=2),
+            synthesis_kwargs=dict(channel_base=2048, channel_max=64, architecture=arch, **extra)).eval()
+        yield (f'StyleGAN2 G {arch}' + (' fp16' if fp16 else ''), G,
+            lambda: [torch.randn(8, 64), torch.eye(10)[torch.arange(8)]],
+            lambda m, z, c: m(z, c, noise_mode='const', force_fp32=z.device.type == 'cpu'))
+        D = sg2.Discriminator(c_dim=10, img_resolution=32, img_channels=1, architecture=arch,
+            channel_base=2048, channel_max=64, **({'num_fp16_res': 2, 'conv_clamp': 256} if fp16 else {})).eval()
+        yield (f'StyleGAN2 D {arch}' + (' fp16' if fp16 else ''), D,
+            lambda: [torch.randn(8, 1, 32, 32), torch.eye(10)[torch.arange(8)]],
+            lambda m, x, c: m(x, c, force_fp32=x.device.type == 'cpu'))
+
+def edm_cases(teacher_path):
+    if teacher_path:
+        net = teachers.load_teacher(teacher_path).net
+        name = os.path.basename(teacher_path)
+    else:
+        net = networks_edm.EDMPrecond(img_resolution=32, img_channels=1, label_dim=10, model_type='SongUNet',
+            model_channels=16, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[16])
+        name = 'EDMPrecond DDPM++ (tiny)'
+    net = net.eval()
+    yield (name, net,
+        lambda: [torch.randn(8, 1, 32, 32), torch.tensor([0.002, 0.05, 0.3, 1, 2.5, 10, 40, 80]).reshape(8, 1, 1, 1),
+            torch.eye(10)[torch.arange(8)]],
+        lambda m, x, sigma, c: m(x * sigma, sigma.detach().flatten(), c))
+
+@click.command()
+@click.option('--teacher', default=None, help='Also an EDM pickle (default: a tiny EDM net built here)')
+@click.option('--tol', default=1e-5, show_default=True, help='fp32 relative-error bound')
+@click.option('--device', default='cuda', show_default=True, help='Device compared with the CPU (cpu: checks this script)')
+def main(teacher, tol, device):
+    device = torch.device(device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise click.ClickException('no CUDA device')
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    print(f'{torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, torch {torch.__version__}')
+    print(f'{"network":<32s} {"output":>10s} {"worst of":>8s} {"worst error":>12s}  where')
+    failed = False
+    cases = list(edm_cases(None)) + (list(edm_cases(teacher)) if teacher else []) \
+        + list(stylegan_cases(False)) + list(stylegan_cases(True))
+    for name, net, make_inputs, call in cases:
+        name, out_err, worst, worst_err, n = compare(name, net, make_inputs, call, device)
+        fp32 = 'fp16' not in name
+        bad = fp32 and max(out_err, worst_err) > tol
+        failed |= bad
+        print(f'{name:<32s} {out_err:10.2e} {n:>8d} {worst_err:12.2e}  {worst}{"  FAIL" if bad else ""}', flush=True)
+    print('fp32 parity: ' + ('FAILED' if failed else f'all within {tol:g}'))
+    sys.exit(1 if failed else 0)
+
+if __name__ == '__main__':
+    main() # pylint: disable=no-value-for-parameter
