@@ -68,12 +68,14 @@ def snapshot_fd(G_ema, ref, device):
     records = registry.compute_metrics('fd5k', sample, num_labels=G.c_dim, ref=ref, device=device)
     return float(list(records['fd5k']['results'].values())[0])
 
-def d_logistic_r1(D, reals, c, fakes, gamma, do_r1, r1_interval):
+def d_logistic_r1(D, reals, c_real, fakes, c_fake, gamma, do_r1, r1_interval):
     """Non-saturating D loss; every r1_interval-th step also gamma/2 * |grad D(real)|^2,
-    scaled by the interval (lazy regularisation)."""
+    scaled by the interval (lazy regularisation). Each fake is judged with the label it was
+    generated for: with the reals' labels instead, D never learns what a fake of class k looks
+    like, and a conditional G is free to ignore its label (and then its latent)."""
     reals = reals.detach().requires_grad_(do_r1)
-    real_logits = D(reals, c)
-    loss = F.softplus(D(fakes.detach(), c)).mean() + F.softplus(-real_logits).mean()
+    real_logits = D(reals, c_real)
+    loss = F.softplus(D(fakes.detach(), c_fake)).mean() + F.softplus(-real_logits).mean()
     if do_r1:
         grad, = torch.autograd.grad(real_logits.sum(), reals, create_graph=True)
         loss = loss + grad.square().sum(dim=[1, 2, 3]).mean() * (gamma / 2) * r1_interval
@@ -151,7 +153,7 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
         G.requires_grad_(False); D.requires_grad_(True)
         with torch.no_grad():
             fakes = G(torch.randn([batch, z_dim], device=device), c_gen)
-        d_loss = d_logistic_r1(D, reals, c_real, fakes, gamma, step % r1_interval == 0, r1_interval)
+        d_loss = d_logistic_r1(D, reals, c_real, fakes, c_gen, gamma, step % r1_interval == 0, r1_interval)
         d_opt.zero_grad(set_to_none=True); d_loss.backward(); d_opt.step()
         losses['G'].append(g_loss.item()); losses['D'].append(d_loss.item())
         cur_nimg += batch
