@@ -10,8 +10,8 @@ snapshot and `training-state.pt`; running the same command again continues from 
   python dataset_tool.py --source mnist --split train --dest datasets/mnist-32x32.zip
   OMP_NUM_THREADS=1 python bench/train_stylegan2_mnist.py --kimg 100 --outdir out/stylegan2-mnist
 
-Each tick prints `zstd`, the standard deviation over z of G_ema's images for fixed labels: a
-falling zstd is mode collapse. With `--fd-ref` every snapshot also gets FD (fast detector,
+Each tick prints `zstd`, the standard deviation over z of G_ema's images for fixed labels
+(0.24 for MNIST's digits within a class; near 0 for a collapsed generator). With `--fd-ref` every snapshot also gets FD (fast detector,
 5000 samples) in metric-fd5k.jsonl.
 """
 
@@ -50,8 +50,9 @@ def build_networks(resolution, channels, c_dim, z_dim, cbase, cmax, map_layers):
 
 @torch.no_grad()
 def latent_spread(G, z_dim, c_dim, device, per_label=8):
-    """Mean over pixels of the std over z of G's images, 8 latents per label (fixed noise):
-    about 0.5-1 for a generator that uses its latent, near 0 once it has collapsed."""
+    """Mean over pixels of the std over z of G's images, 8 latents per label (fixed noise).
+    MNIST's own digits give 0.24 within a class; a random initialisation gives about 1.2, a
+    collapsed generator near 0."""
     n = per_label * max(c_dim, 1)
     gen = torch.Generator(device).manual_seed(0)
     c = torch.eye(c_dim, device=device)[torch.arange(n, device=device) % c_dim] if c_dim else None
