@@ -40,12 +40,12 @@ def load_dataset(path):
     labels = torch.from_numpy(np.stack([dataset.get_label(i) for i in range(len(dataset))]))
     return images, labels, dict(dataset_kwargs, resolution=dataset.resolution, max_size=len(dataset))
 
-def build_networks(resolution, channels, c_dim, z_dim, cbase, cmax, map_layers):
+def build_networks(resolution, channels, c_dim, z_dim, cbase, cmax, map_layers, d_map_layers):
     common = dict(c_dim=c_dim, img_resolution=resolution, img_channels=channels)
     G = sg2.Generator(z_dim=z_dim, w_dim=z_dim, mapping_kwargs=dict(num_layers=map_layers),
         synthesis_kwargs=dict(channel_base=cbase, channel_max=cmax, architecture='skip'), **common)
     D = sg2.Discriminator(channel_base=cbase, channel_max=cmax, architecture='resnet',
-        epilogue_kwargs=dict(mbstd_group_size=4), **common)
+        mapping_kwargs=dict(num_layers=d_map_layers), epilogue_kwargs=dict(mbstd_group_size=4), **common)
     return G, D
 
 @torch.no_grad()
@@ -97,11 +97,12 @@ def d_logistic_r1(D, reals, c_real, fakes, c_fake, gamma, do_r1, r1_interval):
 @click.option('--tick', default=4.0, help='Progress interval [kimg]')
 @click.option('--snap', default=5, help='Snapshot interval [ticks]')
 @click.option('--map-layers', default=2, help='Mapping network depth')
+@click.option('--d-map-layers', default=8, help="Depth of D's label mapping (StyleGAN2: 8)")
 @click.option('--seed', default=0)
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
 @click.option('--max-minutes', default=None, type=float, help='Also stop (snapshot and state) after this long')
 @click.option('--fd-ref', default=None, help='FD (fast detector, 5000 samples) at each snapshot against this .npz')
-def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_dim, map_layers, tick, snap,
+def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_dim, map_layers, d_map_layers, tick, snap,
         seed, device, max_minutes, fd_ref):
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -110,7 +111,7 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
     except (OSError, ValueError) as e:
         raise click.BadParameter(f'{data}: {e}', param_hint='--data') from None
     images, labels = images.to(device), labels.to(device)
-    G, D = build_networks(images.shape[-1], images.shape[1], labels.shape[1], z_dim, cbase, cmax, map_layers)
+    G, D = build_networks(images.shape[-1], images.shape[1], labels.shape[1], z_dim, cbase, cmax, map_layers, d_map_layers)
     G, D = G.to(device), D.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     ratio = r1_interval / (r1_interval + 1) # lazy-regularisation correction of D's Adam
@@ -130,7 +131,7 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
         print(f'Continuing {outdir} from {cur_nimg / 1e3:.1f} kimg')
     with open(os.path.join(outdir, 'options.json'), 'w') as f:
         json.dump(dict(data=data, kimg=kimg, batch=batch, lr=lr, gamma=gamma, r1_interval=r1_interval,
-            ema=ema, cbase=cbase, cmax=cmax, z_dim=z_dim, map_layers=map_layers, seed=seed), f, indent=2)
+            ema=ema, cbase=cbase, cmax=cmax, z_dim=z_dim, map_layers=map_layers, d_map_layers=d_map_layers, seed=seed), f, indent=2)
     print(f'G {sum(p.numel() for p in G.parameters()) / 1e6:.2f} M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f} M '
           f'parameters; {len(images)} images; training to {kimg} kimg')
 
