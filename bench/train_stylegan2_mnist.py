@@ -97,12 +97,13 @@ def d_logistic_r1(D, reals, c_real, fakes, c_fake, gamma, do_r1, r1_interval):
 @click.option('--tick', default=4.0, help='Progress interval [kimg]')
 @click.option('--snap', default=5, help='Snapshot interval [ticks]')
 @click.option('--map-layers', default=2, help='Mapping network depth')
+@click.option('--cond/--uncond', default=True, help='Class-conditional G and D, or ignore the labels')
 @click.option('--d-map-layers', default=8, help="Depth of D's label mapping (StyleGAN2: 8)")
 @click.option('--seed', default=0)
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
 @click.option('--max-minutes', default=None, type=float, help='Also stop (snapshot and state) after this long')
 @click.option('--fd-ref', default=None, help='FD (fast detector, 5000 samples) at each snapshot against this .npz')
-def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_dim, map_layers, d_map_layers, tick, snap,
+def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_dim, map_layers, cond, d_map_layers, tick, snap,
         seed, device, max_minutes, fd_ref):
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -111,6 +112,8 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
     except (OSError, ValueError) as e:
         raise click.BadParameter(f'{data}: {e}', param_hint='--data') from None
     images, labels = images.to(device), labels.to(device)
+    if not cond:
+        labels = labels[:, :0] # c_dim 0: both networks unconditional
     G, D = build_networks(images.shape[-1], images.shape[1], labels.shape[1], z_dim, cbase, cmax, map_layers, d_map_layers)
     G, D = G.to(device), D.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
@@ -131,13 +134,13 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
         print(f'Continuing {outdir} from {cur_nimg / 1e3:.1f} kimg')
     with open(os.path.join(outdir, 'options.json'), 'w') as f:
         json.dump(dict(data=data, kimg=kimg, batch=batch, lr=lr, gamma=gamma, r1_interval=r1_interval,
-            ema=ema, cbase=cbase, cmax=cmax, z_dim=z_dim, map_layers=map_layers, d_map_layers=d_map_layers, seed=seed), f, indent=2)
+            ema=ema, cbase=cbase, cmax=cmax, z_dim=z_dim, map_layers=map_layers, cond=cond, d_map_layers=d_map_layers, seed=seed), f, indent=2)
     print(f'G {sum(p.numel() for p in G.parameters()) / 1e6:.2f} M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f} M '
           f'parameters; {len(images)} images; training to {kimg} kimg')
 
     grid_g = torch.Generator().manual_seed(123)
     grid_z = torch.randn([100, z_dim], generator=grid_g).to(device)
-    grid_c = torch.eye(labels.shape[1])[torch.arange(100) % labels.shape[1]].to(device)
+    grid_c = torch.eye(max(labels.shape[1], 1))[torch.arange(100) % max(labels.shape[1], 1)][:, :labels.shape[1]].to(device)
     start, tick_start, tick_nimg, ticks = time.time(), time.time(), cur_nimg, 0
     losses = dict(G=[], D=[])
     done = cur_nimg >= kimg * 1000
