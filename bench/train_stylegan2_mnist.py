@@ -40,10 +40,10 @@ def load_dataset(path):
     labels = torch.from_numpy(np.stack([dataset.get_label(i) for i in range(len(dataset))]))
     return images, labels, dict(dataset_kwargs, resolution=dataset.resolution, max_size=len(dataset))
 
-def build_networks(resolution, channels, c_dim, z_dim, cbase, cmax, map_layers, d_map_layers):
+def build_networks(resolution, channels, c_dim, z_dim, cbase, cmax, map_layers, d_map_layers, use_noise=True):
     common = dict(c_dim=c_dim, img_resolution=resolution, img_channels=channels)
     G = sg2.Generator(z_dim=z_dim, w_dim=z_dim, mapping_kwargs=dict(num_layers=map_layers),
-        synthesis_kwargs=dict(channel_base=cbase, channel_max=cmax, architecture='skip'), **common)
+        synthesis_kwargs=dict(channel_base=cbase, channel_max=cmax, architecture='skip', use_noise=use_noise), **common)
     D = sg2.Discriminator(channel_base=cbase, channel_max=cmax, architecture='resnet',
         mapping_kwargs=dict(num_layers=d_map_layers), epilogue_kwargs=dict(mbstd_group_size=4), **common)
     return G, D
@@ -95,18 +95,22 @@ def d_logistic_r1(D, reals, c_real, fakes, c_fake, gamma, do_r1, r1_interval):
 @click.option('--cmax', default=64)
 @click.option('--z-dim', default=64)
 @click.option('--tick', default=4.0, help='Progress interval [kimg]')
+@click.option('--tick-minutes', default=None, type=float, help='Also end a tick after this long')
 @click.option('--snap', default=5, help='Snapshot interval [ticks]')
 @click.option('--map-layers', default=2, help='Mapping network depth')
 @click.option('--cond/--uncond', default=True, help='Class-conditional G and D, or ignore the labels')
 @click.option('--d-map-layers', default=8, help="Depth of D's label mapping (StyleGAN2: 8)")
+@click.option('--noise/--no-noise', default=True, help="G's per-pixel noise inputs (StyleGAN2's default)")
 @click.option('--seed', default=0)
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
 @click.option('--max-minutes', default=None, type=float, help='Also stop (snapshot and state) after this long')
 @click.option('--fd-ref', default=None, help='FD (fast detector, 5000 samples) at each snapshot against this .npz')
-def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_dim, map_layers, cond, d_map_layers, tick, snap,
+def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_dim, map_layers, cond, d_map_layers, noise, tick, tick_minutes, snap,
         seed, device, max_minutes, fd_ref):
     torch.manual_seed(seed)
     device = torch.device(device)
+    if device.type == 'cuda': # small convolutions: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = True
     try:
         images, labels, dataset_kwargs = load_dataset(data)
     except (OSError, ValueError) as e:
@@ -114,7 +118,7 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
     images, labels = images.to(device), labels.to(device)
     if not cond:
         labels = labels[:, :0] # c_dim 0: both networks unconditional
-    G, D = build_networks(images.shape[-1], images.shape[1], labels.shape[1], z_dim, cbase, cmax, map_layers, d_map_layers)
+    G, D = build_networks(images.shape[-1], images.shape[1], labels.shape[1], z_dim, cbase, cmax, map_layers, d_map_layers, noise)
     G, D = G.to(device), D.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     ratio = r1_interval / (r1_interval + 1) # lazy-regularisation correction of D's Adam
@@ -134,7 +138,7 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
         print(f'Continuing {outdir} from {cur_nimg / 1e3:.1f} kimg')
     with open(os.path.join(outdir, 'options.json'), 'w') as f:
         json.dump(dict(data=data, kimg=kimg, batch=batch, lr=lr, gamma=gamma, r1_interval=r1_interval,
-            ema=ema, cbase=cbase, cmax=cmax, z_dim=z_dim, map_layers=map_layers, cond=cond, d_map_layers=d_map_layers, seed=seed), f, indent=2)
+            ema=ema, cbase=cbase, cmax=cmax, z_dim=z_dim, map_layers=map_layers, cond=cond, d_map_layers=d_map_layers, noise=noise, seed=seed), f, indent=2)
     print(f'G {sum(p.numel() for p in G.parameters()) / 1e6:.2f} M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f} M '
           f'parameters; {len(images)} images; training to {kimg} kimg')
 
@@ -160,13 +164,15 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
             fakes = G(torch.randn([batch, z_dim], device=device), c_gen)
         d_loss = d_logistic_r1(D, reals, c_real, fakes, c_gen, gamma, step % r1_interval == 0, r1_interval)
         d_opt.zero_grad(set_to_none=True); d_loss.backward(); d_opt.step()
-        losses['G'].append(g_loss.item()); losses['D'].append(d_loss.item())
+        losses['G'].append(g_loss.detach()); losses['D'].append(d_loss.detach()) # no per-step device sync
         cur_nimg += batch
         step += 1
         train_utils.update_ema(G_ema, G, cur_nimg, batch, ema, rampup_ratio=0.05)
 
         done = cur_nimg >= kimg * 1000
-        if not done and cur_nimg < tick_nimg + tick * 1000:
+        tick_over = cur_nimg >= tick_nimg + tick * 1000 or (
+            tick_minutes is not None and time.time() - tick_start >= tick_minutes * 60)
+        if not done and not tick_over:
             continue
         ticks += 1
         now = time.time()
@@ -174,7 +180,7 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
         spread = latent_spread(G_ema, z_dim, labels.shape[1], device)
         print(f'kimg {cur_nimg / 1e3:<7.1f} time {dnnlib.util.format_time(now - start):<9s} '
               f'sec/kimg {(now - tick_start) / ((cur_nimg - tick_nimg) / 1e3):<6.1f} '
-              f'loss_G {np.mean(losses["G"]):<7.3f} loss_D {np.mean(losses["D"]):<7.3f} '
+              f'loss_G {torch.stack(losses["G"]).mean().item():<7.3f} loss_D {torch.stack(losses["D"]).mean().item():<7.3f} '
               f'zstd {spread:.3f}', flush=True)
         losses = dict(G=[], D=[])
         tick_start, tick_nimg = now, cur_nimg
