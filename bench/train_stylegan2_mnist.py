@@ -40,12 +40,12 @@ def load_dataset(path):
     labels = torch.from_numpy(np.stack([dataset.get_label(i) for i in range(len(dataset))]))
     return images, labels, dict(dataset_kwargs, resolution=dataset.resolution, max_size=len(dataset))
 
-def build_networks(resolution, channels, c_dim, z_dim, cbase, cmax, map_layers, d_map_layers, use_noise=True):
+def build_networks(resolution, channels, c_dim, z_dim, cbase, cmax, map_layers, d_map_layers, use_noise=True, mbstd_group=4):
     common = dict(c_dim=c_dim, img_resolution=resolution, img_channels=channels)
     G = sg2.Generator(z_dim=z_dim, w_dim=z_dim, mapping_kwargs=dict(num_layers=map_layers),
         synthesis_kwargs=dict(channel_base=cbase, channel_max=cmax, architecture='skip', use_noise=use_noise), **common)
     D = sg2.Discriminator(channel_base=cbase, channel_max=cmax, architecture='resnet',
-        mapping_kwargs=dict(num_layers=d_map_layers), epilogue_kwargs=dict(mbstd_group_size=4), **common)
+        mapping_kwargs=dict(num_layers=d_map_layers), epilogue_kwargs=dict(mbstd_group_size=mbstd_group, mbstd_num_channels=1 if mbstd_group else 0), **common)
     return G, D
 
 @torch.no_grad()
@@ -87,7 +87,8 @@ def d_logistic_r1(D, reals, c_real, fakes, c_fake, gamma, do_r1, r1_interval):
 @click.option('--outdir', default='out/stylegan2-mnist', help='Run folder (continued if it has a state)')
 @click.option('--kimg', default=100.0, help='Training length [kimg of reals shown to D]')
 @click.option('--batch', default=32)
-@click.option('--lr', default=0.0025)
+@click.option('--lr', default=0.0025, help="G's learning rate")
+@click.option('--dlr', default=None, type=float, help="D's learning rate [default: --lr]")
 @click.option('--gamma', default=0.05, help='R1 weight')
 @click.option('--r1-interval', default=4)
 @click.option('--ema', default=5.0, help='G_ema half-life [kimg]')
@@ -99,13 +100,14 @@ def d_logistic_r1(D, reals, c_real, fakes, c_fake, gamma, do_r1, r1_interval):
 @click.option('--snap', default=5, help='Snapshot interval [ticks]')
 @click.option('--map-layers', default=2, help='Mapping network depth')
 @click.option('--cond/--uncond', default=True, help='Class-conditional G and D, or ignore the labels')
+@click.option('--mbstd-group', default=4, help="D's minibatch-std group size (0: no minibatch-std layer)")
 @click.option('--d-map-layers', default=8, help="Depth of D's label mapping (StyleGAN2: 8)")
 @click.option('--noise/--no-noise', default=True, help="G's per-pixel noise inputs (StyleGAN2's default)")
 @click.option('--seed', default=0)
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
 @click.option('--max-minutes', default=None, type=float, help='Also stop (snapshot and state) after this long')
 @click.option('--fd-ref', default=None, help='FD (fast detector, 5000 samples) at each snapshot against this .npz')
-def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_dim, map_layers, cond, d_map_layers, noise, tick, tick_minutes, snap,
+def main(data, outdir, kimg, batch, lr, dlr, mbstd_group, gamma, r1_interval, ema, cbase, cmax, z_dim, map_layers, cond, d_map_layers, noise, tick, tick_minutes, snap,
         seed, device, max_minutes, fd_ref):
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -118,12 +120,12 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
     images, labels = images.to(device), labels.to(device)
     if not cond:
         labels = labels[:, :0] # c_dim 0: both networks unconditional
-    G, D = build_networks(images.shape[-1], images.shape[1], labels.shape[1], z_dim, cbase, cmax, map_layers, d_map_layers, noise)
+    G, D = build_networks(images.shape[-1], images.shape[1], labels.shape[1], z_dim, cbase, cmax, map_layers, d_map_layers, noise, mbstd_group)
     G, D = G.to(device), D.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     ratio = r1_interval / (r1_interval + 1) # lazy-regularisation correction of D's Adam
     g_opt = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.99), eps=1e-8)
-    d_opt = torch.optim.Adam(D.parameters(), lr=lr * ratio, betas=(0.0, 0.99 ** ratio), eps=1e-8)
+    d_opt = torch.optim.Adam(D.parameters(), lr=(lr if dlr is None else dlr) * ratio, betas=(0.0, 0.99 ** ratio), eps=1e-8)
     os.makedirs(outdir, exist_ok=True)
     state_path = os.path.join(outdir, 'training-state.pt')
     cur_nimg, step = 0, 0
@@ -137,7 +139,7 @@ def main(data, outdir, kimg, batch, lr, gamma, r1_interval, ema, cbase, cmax, z_
             torch.cuda.set_rng_state(state['cuda_rng'].cpu(), device)
         print(f'Continuing {outdir} from {cur_nimg / 1e3:.1f} kimg')
     with open(os.path.join(outdir, 'options.json'), 'w') as f:
-        json.dump(dict(data=data, kimg=kimg, batch=batch, lr=lr, gamma=gamma, r1_interval=r1_interval,
+        json.dump(dict(data=data, kimg=kimg, batch=batch, lr=lr, dlr=dlr, mbstd_group=mbstd_group, gamma=gamma, r1_interval=r1_interval,
             ema=ema, cbase=cbase, cmax=cmax, z_dim=z_dim, map_layers=map_layers, cond=cond, d_map_layers=d_map_layers, noise=noise, seed=seed), f, indent=2)
     print(f'G {sum(p.numel() for p in G.parameters()) / 1e6:.2f} M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f} M '
           f'parameters; {len(images)} images; training to {kimg} kimg')
