@@ -31,6 +31,7 @@ import dnnlib # pylint: disable=wrong-import-position
 from refine import sampling # pylint: disable=wrong-import-position
 from torch_utils import persistence, train_utils # pylint: disable=wrong-import-position
 from training import networks_stylegan2 as sg2 # pylint: disable=wrong-import-position
+from training.conv_discriminator import ConvDiscriminator # pylint: disable=wrong-import-position
 
 def load_dataset(path):
     """All images as uint8 NCHW and one-hot labels (MNIST-32 is 61 MB in memory)."""
@@ -40,12 +41,17 @@ def load_dataset(path):
     labels = torch.from_numpy(np.stack([dataset.get_label(i) for i in range(len(dataset))]))
     return images, labels, dict(dataset_kwargs, resolution=dataset.resolution, max_size=len(dataset))
 
-def build_networks(resolution, channels, c_dim, z_dim, cbase, cmax, map_layers, d_map_layers, use_noise=True, mbstd_group=4):
+def build_networks(resolution, channels, c_dim, z_dim, cbase=1024, cmax=64, map_layers=2, g_arch='orig',
+        use_noise=True, d_type='conv', d_arch='resnet', d_map_layers=8, mbstd_group=4):
+    """Our StyleGAN2 G (w_dim = z_dim) and a D: the plain convolutional one (`conv`) or StyleGAN2's."""
     common = dict(c_dim=c_dim, img_resolution=resolution, img_channels=channels)
     G = sg2.Generator(z_dim=z_dim, w_dim=z_dim, mapping_kwargs=dict(num_layers=map_layers),
-        synthesis_kwargs=dict(channel_base=cbase, channel_max=cmax, architecture='skip', use_noise=use_noise), **common)
-    D = sg2.Discriminator(channel_base=cbase, channel_max=cmax, architecture='resnet',
-        mapping_kwargs=dict(num_layers=d_map_layers), epilogue_kwargs=dict(mbstd_group_size=mbstd_group, mbstd_num_channels=1 if mbstd_group else 0), **common)
+        synthesis_kwargs=dict(channel_base=cbase, channel_max=cmax, architecture=g_arch, use_noise=use_noise), **common)
+    if d_type == 'conv':
+        return G, ConvDiscriminator(**common)
+    D = sg2.Discriminator(channel_base=cbase, channel_max=cmax, architecture=d_arch,
+        mapping_kwargs=dict(num_layers=d_map_layers),
+        epilogue_kwargs=dict(mbstd_group_size=mbstd_group, mbstd_num_channels=1 if mbstd_group else 0), **common)
     return G, D
 
 @torch.no_grad()
@@ -98,16 +104,19 @@ def d_logistic_r1(D, reals, c_real, fakes, c_fake, gamma, do_r1, r1_interval):
 @click.option('--tick', default=4.0, help='Progress interval [kimg]')
 @click.option('--tick-minutes', default=None, type=float, help='Also end a tick after this long')
 @click.option('--snap', default=5, help='Snapshot interval [ticks]')
+@click.option('--g-arch', default='orig', type=click.Choice(['orig', 'skip', 'resnet']), help="G's architecture")
+@click.option('--d-type', default='conv', type=click.Choice(['conv', 'stylegan2']), help='D: plain convolutional (training/conv_discriminator.py) or StyleGAN2')
+@click.option('--d-arch', default='resnet', type=click.Choice(['orig', 'skip', 'resnet']), help="StyleGAN2 D's architecture")
 @click.option('--map-layers', default=2, help='Mapping network depth')
 @click.option('--cond/--uncond', default=True, help='Class-conditional G and D, or ignore the labels')
-@click.option('--mbstd-group', default=4, help="D's minibatch-std group size (0: no minibatch-std layer)")
-@click.option('--d-map-layers', default=8, help="Depth of D's label mapping (StyleGAN2: 8)")
+@click.option('--mbstd-group', default=4, help="StyleGAN2 D's minibatch-std group size (0: no minibatch-std layer)")
+@click.option('--d-map-layers', default=8, help="Depth of StyleGAN2 D's label mapping (StyleGAN2: 8)")
 @click.option('--noise/--no-noise', default=True, help="G's per-pixel noise inputs (StyleGAN2's default)")
 @click.option('--seed', default=0)
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
 @click.option('--max-minutes', default=None, type=float, help='Also stop (snapshot and state) after this long')
 @click.option('--fd-ref', default=None, help='FD (fast detector, 5000 samples) at each snapshot against this .npz')
-def main(data, outdir, kimg, batch, lr, dlr, mbstd_group, gamma, r1_interval, ema, cbase, cmax, z_dim, map_layers, cond, d_map_layers, noise, tick, tick_minutes, snap,
+def main(data, outdir, kimg, batch, lr, dlr, mbstd_group, g_arch, d_type, d_arch, gamma, r1_interval, ema, cbase, cmax, z_dim, map_layers, cond, d_map_layers, noise, tick, tick_minutes, snap,
         seed, device, max_minutes, fd_ref):
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -120,7 +129,9 @@ def main(data, outdir, kimg, batch, lr, dlr, mbstd_group, gamma, r1_interval, em
     images, labels = images.to(device), labels.to(device)
     if not cond:
         labels = labels[:, :0] # c_dim 0: both networks unconditional
-    G, D = build_networks(images.shape[-1], images.shape[1], labels.shape[1], z_dim, cbase, cmax, map_layers, d_map_layers, noise, mbstd_group)
+    G, D = build_networks(images.shape[-1], images.shape[1], labels.shape[1], z_dim, cbase=cbase, cmax=cmax,
+        map_layers=map_layers, g_arch=g_arch, use_noise=noise, d_type=d_type, d_arch=d_arch,
+        d_map_layers=d_map_layers, mbstd_group=mbstd_group)
     G, D = G.to(device), D.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     ratio = r1_interval / (r1_interval + 1) # lazy-regularisation correction of D's Adam
@@ -139,7 +150,7 @@ def main(data, outdir, kimg, batch, lr, dlr, mbstd_group, gamma, r1_interval, em
             torch.cuda.set_rng_state(state['cuda_rng'].cpu(), device)
         print(f'Continuing {outdir} from {cur_nimg / 1e3:.1f} kimg')
     with open(os.path.join(outdir, 'options.json'), 'w') as f:
-        json.dump(dict(data=data, kimg=kimg, batch=batch, lr=lr, dlr=dlr, mbstd_group=mbstd_group, gamma=gamma, r1_interval=r1_interval,
+        json.dump(dict(data=data, kimg=kimg, batch=batch, lr=lr, dlr=dlr, mbstd_group=mbstd_group, g_arch=g_arch, d_type=d_type, d_arch=d_arch, gamma=gamma, r1_interval=r1_interval,
             ema=ema, cbase=cbase, cmax=cmax, z_dim=z_dim, map_layers=map_layers, cond=cond, d_map_layers=d_map_layers, noise=noise, seed=seed), f, indent=2)
     print(f'G {sum(p.numel() for p in G.parameters()) / 1e6:.2f} M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f} M '
           f'parameters; {len(images)} images; training to {kimg} kimg')

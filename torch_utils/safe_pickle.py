@@ -37,6 +37,7 @@ KNOWN_CLASS_MODULES = {
     'training.networks_mlp': None,
     'training.networks_generators': None,
     'training.loss': None,
+    'training.conv_discriminator': None,
     # StyleGAN3's networks_stylegan3.py reuses these class names but has no SynthesisBlock.
     'training.networks_stylegan2': 'class SynthesisBlock',
 }
