@@ -72,6 +72,7 @@ def parse_div_opts(pairs):
 @click.option('--truncation',   help='StyleGAN --gen: truncation psi [default: 1]', type=float, default=None)
 @click.option('--noise-mode',   help='StyleGAN --gen: per-layer noise [default: random]', type=click.Choice(['random', 'const', 'none']), default=None)
 @click.option('--train-params', help='StyleGAN --gen: parameters to refine; synthesis = mapping frozen [default: all]', type=click.Choice(['all', 'synthesis', 'mapping']), default=None)
+@click.option('--fake-warmup',  help='First KIMG of --kimg update only the fake score (a GAN far from the teacher) [default: 0]', metavar='KIMG', type=click.FloatRange(min=0), default=None)
 @click.option('--fake-steps',   help='Fake-score updates per generator update', type=click.IntRange(min=1), default=None)
 @click.option('--ema',          help='EMA half-life of the generator [kimg]', type=click.FloatRange(min=0), default=None)
 @click.option('--kimg',         help='Training duration [kimg]', type=click.FloatRange(min=0, min_open=True), default=None)

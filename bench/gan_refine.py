@@ -54,6 +54,7 @@ def class_grid(pkl, device, per_class=10):
 @click.option('--glr', default=1e-4, help='Generator learning rate')
 @click.option('--lr', default=1e-4, help='Fake-score learning rate')
 @click.option('--ema', default=1.0, help='EMA half-life [kimg]')
+@click.option('--fake-warmup', default=0.0, help='First kimg of --kimg train only the fake score')
 @click.option('--tick', default=1.0, help='Progress interval [kimg]')
 @click.option('--train-params', default='all', type=click.Choice(['all', 'synthesis', 'mapping']))
 @click.option('--max-minutes', default=None, type=float, help='Also stop the refinement after this long')
@@ -62,7 +63,7 @@ def class_grid(pkl, device, per_class=10):
 @click.option('--fast-ref', default='pretrained/mnist-train60k-fast.npz', help='Reference of the fd metrics (dataset or .npz)')
 @click.option('--inception-ref', default='datasets/mnist-32x32.zip', help='Reference of the fid metrics (dataset or .npz)')
 @click.option('--seed', default=0)
-def main(gan, teacher, outdir, divergence, kimg, batch, glr, lr, ema, tick, train_params, max_minutes, metric_names,
+def main(gan, teacher, outdir, divergence, kimg, batch, glr, lr, ema, fake_warmup, tick, train_params, max_minutes, metric_names,
         num, fast_ref, inception_ref, seed):
     metric_names = None if metric_names == 'none' else metric_names
     needed = [(gan, '--gan'), (teacher, '--teacher')]
@@ -76,7 +77,7 @@ def main(gan, teacher, outdir, divergence, kimg, batch, glr, lr, ema, tick, trai
     ref = dict(fast=fast_ref, inception=inception_ref)
     device = distributed.device()
     o = run.resolve_options(dict(teacher=teacher, gen=gan, divergence=divergence, batch=batch, lr=lr,
-        glr=glr, ema=ema, kimg=kimg, tick=tick, snap=1000, seed=seed,
+        glr=glr, ema=ema, kimg=kimg, fake_warmup=fake_warmup, tick=tick, snap=1000, seed=seed,
         train_params=train_params, max_minutes=max_minutes, allow_pickle_code=False))
     torch.manual_seed(seed)
     try:
@@ -108,7 +109,7 @@ def main(gan, teacher, outdir, divergence, kimg, batch, glr, lr, ema, tick, trai
 
     refined_kimg = json.loads(open(os.path.join(run_dir, 'stats.jsonl')).readlines()[-1])['kimg']
     result = dict(gan=gan, teacher=teacher, divergence=divergence, kimg=refined_kimg, batch=batch, glr=glr,
-        lr=lr, ema=ema, train_params=train_params, refine_seconds=seconds, device=str(device),
+        lr=lr, ema=ema, fake_warmup=fake_warmup, train_params=train_params, refine_seconds=seconds, device=str(device),
         before=before, after=after, refined=refined)
     with open(os.path.join(run_dir, 'result.json'), 'w') as f:
         json.dump(result, f, indent=2)

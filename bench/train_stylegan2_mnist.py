@@ -3,16 +3,23 @@
 StyleGAN2-ADA's recipe at a CPU-sized scale: non-saturating logistic loss, lazy R1 on the reals
 (every `--r1-interval` D steps, gamma `--gamma`), Adam (0, 0.99) with the lazy-regularisation
 correction of lr and betas, a G_ema by half-life; no augmentation, style mixing or path-length
-regularisation (ADA's CIFAR setting). The run folder gets `network-snapshot-NNNNNN.pkl`, a
-StyleGAN pickle dict(G, D, G_ema, augment_pipe=None, training_set_kwargs), a sample grid per
+regularisation (ADA's CIFAR setting). Two departures, both measured (README, "Refining a
+StyleGAN"): G uses the `orig` architecture, and D is a plain convolutional one
+(training/conv_discriminator.py). At these widths (32-64 channels) every run with StyleGAN2's
+`skip` G or with its discriminator collapsed to one glyph within 10-20 kimg; `--g-arch skip`
+and `--d-type stylegan2` bring them back.
+
+The run folder gets `network-snapshot-NNNNNN.pkl`, a StyleGAN pickle dict(G, D, G_ema,
+augment_pipe=None, training_set_kwargs) that the safe loader rebuilds, a sample grid per
 snapshot and `training-state.pt`; running the same command again continues from it exactly.
 
   python dataset_tool.py --source mnist --split train --dest datasets/mnist-32x32.zip
-  OMP_NUM_THREADS=1 python bench/train_stylegan2_mnist.py --kimg 100 --outdir out/stylegan2-mnist
+  OMP_NUM_THREADS=2 python bench/train_stylegan2_mnist.py --kimg 48 --tick 4 --snap 2 \
+      --outdir out/stylegan2-mnist-conv --fd-ref pretrained/mnist-train60k-fast.npz
 
 Each tick prints `zstd`, the standard deviation over z of G_ema's images for fixed labels
-(0.24 for MNIST's digits within a class; near 0 for a collapsed generator). With `--fd-ref` every snapshot also gets FD (fast detector,
-5000 samples) in metric-fd5k.jsonl.
+(0.24 for MNIST's digits within a class; near 0 for a collapsed generator). With `--fd-ref`
+every snapshot also gets FD (fast detector, 5000 samples) in metric-fd5k.jsonl.
 """
 
 import copy

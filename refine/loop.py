@@ -45,6 +45,7 @@ def refinement_loop(
     ema_halflife_kimg   = 0.5,      # Half-life of the generator EMA.
     ema_rampup          = 0.05,     # EMA ramp-up: half-life <= this fraction of images seen; None = off.
     total_kimg          = 100,      # Training duration.
+    fake_warmup_kimg    = 0,        # The first this many kimg update only the fake score (counted in total_kimg).
     time_limit_s        = None,     # Also stop at the first tick after this many seconds (snapshot and state included).
     kimg_per_tick       = 1,        # Progress line and statistics interval.
     snapshot_ticks      = 10,       # Snapshot (pickle, grid) interval in ticks; None = only at the end.
@@ -158,7 +159,10 @@ def refinement_loop(
             fake.train()
             accumulate_and_step([([fake], f_opt)] + (x_group if extra_phase == 'fake' else []), fake_round)
 
-        # Generator update.
+        # Generator update, once the fake score has warmed up on the generator's samples: it
+        # starts as the teacher, so until it has learnt p_G its difference from the teacher is
+        # noise (a GAN being refined starts far from the teacher's distribution).
+        warming_up = cur_nimg < fake_warmup_kimg * 1000
         def gen_round(r):
             rnd = draws(cur_nimg, 'gen', r)
             if hasattr(divergence, 'draw_latents'):
@@ -172,8 +176,9 @@ def refinement_loop(
             for name, value in gen_stats.items():
                 training_stats.report(name, value)
             return loss
-        fake.eval()
-        accumulate_and_step([([G], g_opt)] + (x_group if extra_phase == 'generator' else []), gen_round)
+        if not warming_up:
+            fake.eval()
+            accumulate_and_step([([G], g_opt)] + (x_group if extra_phase == 'generator' else []), gen_round)
         cur_nimg += batch_size
 
         # EMA by half-life in images, ramped up early in training.

@@ -123,3 +123,21 @@ def test_stylegan_flags_need_a_stylegan_generator(pickles, tmp_path):
         '--sigma-init', '1', '--train-params', 'synthesis', '--outdir', str(tmp_path)])
     assert result.exit_code != 0 and 'apply to StyleGAN generators' in result.output
     assert 'Traceback' not in result.output
+
+def _final_state(run_dir):
+    return torch.load(sorted(glob.glob(os.path.join(run_dir, 'training-state-*.pt')))[-1], weights_only=True)
+
+def test_fake_warmup_trains_only_the_fake_score_first(pickles, tmp_path):
+    teacher = safe_pickle.load_network_pkl(pickles['teacher'])['ema'].state_dict()
+    gan = safe_pickle.load_network_pkl(pickles['gan'])['G_ema'].state_dict()
+    # Warm-up over the whole run (two steps): G bit-identical, the fake score moved off the teacher.
+    whole = _final_state(_refine_gan(pickles, tmp_path / 'whole', '--fake-warmup', '0.008'))
+    assert all(torch.equal(whole['G'][f'G.{k}'], v) for k, v in gan.items())
+    assert any(not torch.equal(whole['fake'][k], v) for k, v in teacher.items() if v.is_floating_point())
+    # Warm-up over the first step only: the second step moves G, to a different place than
+    # two generator steps take it.
+    half = _final_state(_refine_gan(pickles, tmp_path / 'half', '--fake-warmup', '0.004'))
+    none = _final_state(_refine_gan(pickles, tmp_path / 'none'))
+    assert any(not torch.equal(half['G'][f'G.{k}'], v) for k, v in gan.items() if v.is_floating_point())
+    assert half['cur_nimg'] == whole['cur_nimg'] == 8
+    assert any(not torch.equal(half['G'][k], none['G'][k]) for k in none['G']) # one G step fewer
