@@ -157,8 +157,7 @@ def main(data, outdir, kimg, batch, lr, dlr, mbstd_group, g_arch, d_type, d_arch
             torch.cuda.set_rng_state(state['cuda_rng'].cpu(), device)
         print(f'Continuing {outdir} from {cur_nimg / 1e3:.1f} kimg')
     with open(os.path.join(outdir, 'options.json'), 'w') as f:
-        json.dump(dict(data=data, kimg=kimg, batch=batch, lr=lr, dlr=dlr, mbstd_group=mbstd_group, g_arch=g_arch, d_type=d_type, d_arch=d_arch, gamma=gamma, r1_interval=r1_interval,
-            ema=ema, cbase=cbase, cmax=cmax, z_dim=z_dim, map_layers=map_layers, cond=cond, d_map_layers=d_map_layers, noise=noise, seed=seed), f, indent=2)
+        json.dump(click.get_current_context().params, f, indent=2) # every option, as given
     print(f'G {sum(p.numel() for p in G.parameters()) / 1e6:.2f} M, D {sum(p.numel() for p in D.parameters()) / 1e6:.2f} M '
           f'parameters; {len(images)} images; training to {kimg} kimg')
 
