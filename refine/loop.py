@@ -114,7 +114,8 @@ def refinement_loop(
         say(f'Resuming from {resume_state} at {cur_nimg / 1e3:.1f} kimg')
 
     def draws(position, phase, part_round):
-        """This process's part of a phase's random draws, and a matching dropout seed."""
+        """This process's part of a phase's random draws, and a matching seed for the draws the
+        networks make themselves (dropout, StyleGAN's per-pixel noise)."""
         part = rank * rounds + part_round
         torch.manual_seed(derive_seed(seed, position, phase, part, 'dropout'))
         return StreamRandom(seed, position, phase, batch_size, part=part, parts=world * rounds, device=device)
