@@ -6,7 +6,7 @@ refined G_ema after, and writes sample grids with the same latents (one row per 
 before.png, after.png and before-after.png (side by side) in the run folder.
 
   OMP_NUM_THREADS=1 python bench/gan_refine.py --gan out/stylegan2-mnist-conv/network-snapshot-000048.pkl \\
-      --teacher pretrained/edm-mnist32-cond.pkl --kimg 20 --metrics fd5k,fid5k \\
+      --teacher pretrained/edm-mnist32-cond.pkl --kimg 30 --metrics fd5k,fid5k \\
       --inception-ref out/mnist-train5k-inception.npz
 
 The default rates (generator 2e-3, fake score 1e-3, 2 kimg fake-score warm-up, EMA half-life
@@ -52,7 +52,7 @@ def class_grid(pkl, device, per_class=10):
 @click.option('--teacher', default='pretrained/edm-mnist32-cond.pkl', help='EDM teacher pickle')
 @click.option('--outdir', default='out/gan-refine')
 @click.option('--divergence', default='di')
-@click.option('--kimg', default=10.0, help='Refinement length [kimg]')
+@click.option('--kimg', default=30.0, help='Refinement length [kimg]')
 @click.option('--batch', default=32)
 @click.option('--glr', default=2e-3, help='Generator learning rate')
 @click.option('--lr', default=1e-3, help='Fake-score learning rate')
