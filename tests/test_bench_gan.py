@@ -1,20 +1,13 @@
 """bench/train_stylegan2_mnist.py's losses: the discriminator loss against its formula, with each
 image judged under its own label."""
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.scripts import load_script
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location('train_stylegan2_mnist',
-        os.path.join(ROOT, 'bench', 'train_stylegan2_mnist.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('bench/train_stylegan2_mnist.py', 'train_stylegan2_mnist')
 
 class LabelProjection(torch.nn.Module):
     """D(x, c) = <mean pixel of x, 1> * (c . v) + (x^2 summed) * a: depends on the label and has a

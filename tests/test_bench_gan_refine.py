@@ -1,7 +1,6 @@
 """bench/gan_refine.py end to end on a tiny StyleGAN2 and teacher: the refined pickle moves G_ema,
 the grids show the same latents before and after, and result.json records the run."""
 
-import importlib.util
 import json
 import os
 
@@ -10,15 +9,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from torch_utils import safe_pickle
+from tests.scripts import load_script
 from tests.test_stylegan_refine import C_DIM, RES, pickles # pylint: disable=unused-import
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 def _load_bench():
-    spec = importlib.util.spec_from_file_location('gan_refine', os.path.join(ROOT, 'bench', 'gan_refine.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('bench/gan_refine.py', 'gan_refine')
 
 def test_gan_refine_runs_and_writes_grids_and_result(pickles, tmp_path): # pylint: disable=redefined-outer-name
     bench = _load_bench()

@@ -14,6 +14,7 @@ from refine import noise
 from refine.divergences import DIVERGENCES, make_divergence
 from refine.rng import StreamRandom
 from refine.teachers import GMMTeacher
+from tests.scripts import load_script
 
 F64 = torch.float64
 
@@ -359,12 +360,7 @@ def test_vardiu_bound_gradient_with_exact_posterior_is_the_weighted_kl_gradient(
 # Through refine.py.
 
 def _load_cli():
-    import importlib.util # pylint: disable=import-outside-toplevel
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location('refine_cli', os.path.join(root, 'refine.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('refine.py', 'refine_cli')
 
 RING = ['--teacher', 'gmm:ring8', '--gen', 'mlp', '--batch', '64']
 
@@ -430,12 +426,8 @@ def test_div_opt_values_and_method_sigma_init():
     assert set(DIVERGENCES) == {'di', 'sid', 'dmd', 'sim', 'fdiv', 'vardiu'}
 
 def test_bench_runs_every_divergence_with_time_to_floor(tmp_path):
-    import importlib.util # pylint: disable=import-outside-toplevel
     from click.testing import CliRunner # pylint: disable=import-outside-toplevel
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location('bench_gmm', os.path.join(root, 'bench', 'gmm.py'))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script('bench/gmm.py', 'bench_gmm')
     result = CliRunner().invoke(bench.main, ['--presets', 'ring8', '--divergences',
         'di,sid,dmd,sim,fdiv,vardiu,sid:alpha=0.5', '--kimg', '0.512', '--eval-n', '200', '--curve-n', '200',
         '--curve-every', '0.256', '--reach', '2,1000', '--outdir', str(tmp_path)], catch_exceptions=False)

@@ -14,16 +14,12 @@ from click.testing import CliRunner
 import generate
 from torch_utils import persistence, safe_pickle
 from training import networks_edm, networks_generators
+from tests.scripts import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _load_cli():
-    """refine.py, the CLI script (the name `refine` is the package)."""
-    import importlib.util # pylint: disable=import-outside-toplevel
-    spec = importlib.util.spec_from_file_location('refine_cli', os.path.join(ROOT, 'refine.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('refine.py', 'refine_cli')
 
 @pytest.fixture(scope='module')
 def teacher_pkl(tmp_path_factory):
