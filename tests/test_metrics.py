@@ -441,8 +441,10 @@ def test_fid_ref_and_calc_images(folders, fast):
     mu, sigma = stats.load_stats(str(root / 'a.npz'))
     assert mu.shape == (128,) and sigma.shape == (128, 128)
     want_mu, want_sigma = stats.feature_stats(fast.features(_read_pngs(folders['a'])))
-    np.testing.assert_allclose(mu, want_mu, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(sigma, want_sigma, rtol=1e-10, atol=1e-12)
+    # The CLI ran the detector in batches of 5, this in one batch of 12: float32 features
+    # differ in the last bits with the batching and the CPU's instruction set (~3e-6 seen).
+    np.testing.assert_allclose(mu, want_mu, rtol=1e-5, atol=1e-5 * np.abs(want_mu).max())
+    np.testing.assert_allclose(sigma, want_sigma, rtol=1e-5, atol=1e-5 * np.abs(want_sigma).max())
     self_fd = float(_ok(_run('calc', '--images', folders['a'], '--ref', root / 'a.npz', '--detector', 'fast', '--num', 12)))
     assert abs(self_fd) < 1e-3 # not 1e-8: 12 samples give a singular 128-d covariance, where sqrtm is inexact
     got = float(_ok(_run('calc', '--images', folders['b'], '--ref', root / 'a.npz', '--detector', 'fast')))
@@ -509,9 +511,11 @@ def test_fid_calc_network_generates_on_the_fly(folders, fast, tiny_pkl):
     assert 'batch 3/3' in result.stderr
     # The same as generating seeds 0-15 with refine.generation and measuring them directly.
     sample, _ = generation.load_for_generation(tiny_pkl, sampler_kwargs=dict(num_steps=2))
-    images = to_uint8(sample(list(range(16))))
+    # Generated in the CLI's batches of 6 so that the uint8 images are the same; the features'
+    # float32 batching still differs (one batch here), hence the 1e-5.
+    images = torch.cat([to_uint8(sample(list(range(i, min(i + 6, 16))))) for i in range(0, 16, 6)])
     want = metrics.frechet_distance(*stats.feature_stats(fast.features(images)), *stats.load_stats(str(root / 'a.npz')))
-    assert got == pytest.approx(want, rel=1e-6)
+    assert got == pytest.approx(want, rel=1e-5)
     # Explicit seeds: 4 of them.
     out = _ok(_run('calc', '--network', tiny_pkl, '--ref', root / 'a.npz', '--steps', 2, '--seeds', '3,5,8-9',
         '--detector', 'fast', '--metrics', 'fd10k'))
