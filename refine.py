@@ -15,48 +15,63 @@ Examples:
 import json
 import os
 import re
+import shutil
 
 import click
 import torch
 
+import dnnlib
 from refine import run
-from torch_utils import distributed, train_utils
-
-def _resume_state(path):
-    try:
-        return train_utils.latest_training_state(path)
-    except FileNotFoundError as e:
-        raise click.BadParameter(str(e), param_hint='--resume') from None
-
-def _parse_value(text):
-    """A --div-opt value: bool (true/false/yes/no/on/off), int, float, none, or the string."""
-    lowered = text.strip().lower()
-    if lowered in ('true', 'yes', 'on'):
-        return True
-    if lowered in ('false', 'no', 'off'):
-        return False
-    if lowered in ('none', 'null'):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+from refine.divergences import coerce_options, describe_options, divergence_class
+from torch_utils import cli, distributed, train_utils
 
 def parse_div_opts(pairs):
-    """('alpha=1.0', 'f=js', ...) -> {'alpha': 1.0, 'f': 'js'}; a clean error for bad syntax."""
+    """('alpha=1.0', 'f=js', ...) -> {'alpha': '1.0', 'f': 'js'}: the syntax only; the values
+    are typed by the chosen divergence's defaults (refine.divergences.coerce_options)."""
     opts = {}
     for pair in pairs or ():
         key, sep, value = pair.partition('=')
         key = key.strip().replace('-', '_')
         if not sep or not key.isidentifier():
-            raise click.BadParameter(f"expected KEY=VALUE, got '{pair}'", param_hint='--div-opt')
-        if key in ('sigma_data', 'fake_steps'):
-            hint = 'use --fake-steps' if key == 'fake_steps' else 'it comes from the teacher'
-            raise click.BadParameter(f"'{key}' is not a divergence option here ({hint})", param_hint='--div-opt')
-        opts[key] = _parse_value(value)
+            raise click.BadParameter(f"expected KEY=VALUE (or help), got '{pair}'", param_hint='--div-opt')
+        opts[key] = value
     return opts
+
+def saved_options(run_dir, ctx):
+    """The options of the run in `run_dir` (its options.json), each checked as the command line
+    would check it: a hostile or damaged file is refused with one line, never acted on."""
+    path = os.path.join(run_dir, 'options.json')
+    if not os.path.isfile(path):
+        raise click.BadParameter(f'{run_dir} has no options.json: not a refine.py run', param_hint='--resume')
+    try:
+        with open(path, encoding='utf-8') as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(f'cannot read {path}: {cli.one_line(e)}', param_hint='--resume') from None
+    if not isinstance(saved, dict):
+        raise click.BadParameter(f'{path}: not an options file', param_hint='--resume')
+    params = {p.name: p for p in ctx.command.params}
+    checked = {}
+    for key, value in saved.items():
+        if key in ('resume', 'dry_run', 'max_minutes', 'allow_pickle_code'):
+            continue # this invocation's own
+        if key == 'div_opt':
+            if value is not None and not isinstance(value, dict):
+                raise click.BadParameter(f'{path}: div_opt must be an object', param_hint='--resume')
+            checked[key] = value or {}
+        elif key in params:
+            try:
+                checked[key] = None if value is None else params[key].type.convert(value, params[key], ctx)
+            except click.BadParameter as e:
+                raise click.BadParameter(f'{path}: {key}: {e.message}', param_hint='--resume') from None
+        elif key in run.DEFAULTS: # a library-side setting without a flag: its default's type
+            default = run.DEFAULTS[key]
+            if value is not None and default is not None and type(value) is not type(default):
+                raise click.BadParameter(f'{path}: {key} must be a {type(default).__name__}', param_hint='--resume')
+            checked[key] = value
+        else:
+            raise click.BadParameter(f'{path}: unknown option {key!r}', param_hint='--resume')
+    return checked
 
 @click.command(context_settings=dict(show_default=True))
 @click.option('--teacher',      help='Teacher: EDM pickle path/URL, or gmm:PRESET', metavar='PKL|gmm:NAME', type=str)
@@ -66,18 +81,18 @@ def parse_div_opts(pairs):
 @click.option('--div-opt',      help='Divergence option KEY=VALUE (repeatable), e.g. alpha=1.0, f=js', metavar='KEY=VALUE', type=str, multiple=True)
 @click.option('--batch',        help='Global batch size (images per iteration)', type=click.IntRange(min=1), default=None)
 @click.option('--batch-gpu',    help='Images per process per accumulation round', type=click.IntRange(min=1), default=None)
-@click.option('--lr',           help='Fake-score learning rate', type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option('--glr',          help='Generator learning rate', type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option('--sigma-init',   help='Noise level of the one-step generator', type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option('--truncation',   help='StyleGAN --gen: truncation psi [default: 1]', type=float, default=None)
+@click.option('--lr',           help='Fake-score learning rate', type=cli.positive_float(), default=None)
+@click.option('--glr',          help='Generator learning rate', type=cli.positive_float(), default=None)
+@click.option('--sigma-init',   help='Noise level of the one-step generator', type=cli.positive_float(), default=None)
+@click.option('--truncation',   help='StyleGAN --gen: truncation psi [default: 1]', type=cli.FiniteFloat(), default=None)
 @click.option('--noise-mode',   help='StyleGAN --gen: per-layer noise [default: random]', type=click.Choice(['random', 'const', 'none']), default=None)
 @click.option('--train-params', help='StyleGAN --gen: parameters to refine; synthesis = mapping frozen [default: all]', type=click.Choice(['all', 'synthesis', 'mapping']), default=None)
-@click.option('--fake-warmup',  help='First KIMG of --kimg update only the fake score (a GAN far from the teacher) [default: 0]', metavar='KIMG', type=click.FloatRange(min=0), default=None)
+@click.option('--fake-warmup',  help='First KIMG of --kimg update only the fake score (a GAN far from the teacher) [default: 0]', metavar='KIMG', type=cli.nonnegative_float(), default=None)
 @click.option('--fake-steps',   help='Fake-score updates per generator update', type=click.IntRange(min=1), default=None)
-@click.option('--ema',          help='EMA half-life of the generator [kimg]', type=click.FloatRange(min=0), default=None)
-@click.option('--kimg',         help='Training duration [kimg]', type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option('--max-minutes',  help='Also stop (snapshot and state) at the first tick after this many minutes; --resume continues', type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option('--tick',         help='Progress interval [kimg]', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--ema',          help='EMA half-life of the generator [kimg]', type=cli.nonnegative_float(), default=None)
+@click.option('--kimg',         help='Training duration [kimg]', type=cli.positive_float(), default=None)
+@click.option('--max-minutes',  help='Also stop (snapshot and state) at the first tick after this many minutes; --resume continues', type=cli.positive_float(), default=None)
+@click.option('--tick',         help='Progress interval [kimg]', type=cli.positive_float(), default=None)
 @click.option('--snap',         help='Snapshot interval [ticks]', type=click.IntRange(min=1), default=None)
 @click.option('--seed',         help='Random seed', type=int, default=None)
 @click.option('--metrics',      help='Metrics at each snapshot, e.g. fd10k,fid10k (see fid.py)', metavar='LIST', type=str)
@@ -85,52 +100,74 @@ def parse_div_opts(pairs):
 @click.option('--resume',       help='Continue a run: its directory or a training-state .pt', metavar='PATH', type=str)
 @click.option('--allow-pickle-code', help='Run code embedded in pickles (trusted files only)', is_flag=True)
 @click.option('--dry-run',      help='Print the resolved options and exit', is_flag=True)
+@cli.user_errors
 def main(**opts):
     """Refine a generator with a diffusion teacher by minimising a diffusion divergence."""
     distributed.init()
+    ctx = click.get_current_context()
     resume_state = None
+    if 'help' in opts['div_opt']:
+        name = opts['divergence'] or run.DEFAULTS['divergence']
+        divergence_class(name)
+        click.echo('\n'.join(describe_options(name)))
+        return
     if opts['resume']:
-        resume_state = _resume_state(opts['resume'])
+        try:
+            resume_state = train_utils.latest_training_state(opts['resume'], log=distributed.print0)
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(cli.one_line(e), param_hint='--resume') from None
         run_dir = os.path.dirname(os.path.abspath(resume_state))
-        options_path = os.path.join(run_dir, 'options.json')
-        if not os.path.isfile(options_path):
-            raise click.BadParameter(f'{run_dir} has no options.json: not a refine.py run', param_hint='--resume')
-        with open(options_path) as f:
-            saved = json.load(f)
+        saved = saved_options(run_dir, ctx)
         if opts['kimg'] is not None:
             saved['kimg'] = opts['kimg']
-        saved['max_minutes'] = opts['max_minutes'] # a limit of this invocation, not of the run
-        opts = dict(saved, resume=opts['resume'], dry_run=opts['dry_run'],
+        opts = dict(saved, resume=opts['resume'], dry_run=opts['dry_run'], max_minutes=opts['max_minutes'],
             allow_pickle_code=opts['allow_pickle_code'])
-        if opts.get('div_opt') is None:
-            opts['div_opt'] = {}
     else:
         if not opts['teacher']:
             raise click.BadParameter('a teacher is required', param_hint='--teacher')
-        if not opts['outdir'] and not opts['dry_run']:
-            raise click.BadParameter('an output directory is required', param_hint='--outdir')
+        if not opts['dry_run']:
+            cli.check_writable_dir(opts['outdir'], '--outdir')
         opts['div_opt'] = parse_div_opts(opts['div_opt'])
     o = run.resolve_options(opts)
+    try:
+        divergence_class(o.divergence)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--divergence') from None
+    try:
+        o.div_opt = coerce_options(o.divergence, o.div_opt)
+    except ValueError as e:
+        raise click.BadParameter(str(e).replace('--div-opt ', ''), param_hint='--div-opt') from None
 
     torch.manual_seed(o.seed) # initial weights of built networks (MLPs) depend on it
-    try:
-        setup = run.prepare(o)
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+    setup = run.prepare(o)
     distributed.print0(json.dumps(setup.summary, indent=2))
     if o.dry_run:
         return
 
     if resume_state is None:
         desc = f"{o.divergence}-{re.sub(r'[^A-Za-z0-9]+', '_', os.path.basename(o.teacher))[:40]}-gen_{os.path.basename(o.gen)[:20]}"
-        run_dir = train_utils.next_run_dir(o.outdir, desc) if distributed.is_main() else None
+        run_dir = make_run_dir(o, desc) if distributed.is_main() else None
         run_dir = distributed.all_gather_object(run_dir)[0]
-        if distributed.is_main():
-            os.makedirs(run_dir)
-            with open(os.path.join(run_dir, 'options.json'), 'w') as f:
-                json.dump({k: v for k, v in o.items() if k not in ('resume', 'dry_run', 'max_minutes')}, f, indent=2)
-    distributed.print0(f'Run directory: {run_dir}')
-    run.launch(setup, run_dir, resume_state=resume_state)
+    # Rank 0 copies everything it prints to log.txt in the run directory (appended on resume).
+    logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a') if distributed.is_main() else None
+    try:
+        distributed.print0(f'Run directory: {run_dir}')
+        run.launch(setup, run_dir, resume_state=resume_state)
+    finally:
+        if logger is not None:
+            logger.close()
+
+def make_run_dir(o, desc):
+    """The new run folder with its options.json; nothing is left behind if that fails."""
+    run_dir = train_utils.next_run_dir(o.outdir, desc)
+    os.makedirs(run_dir)
+    try:
+        options = {k: v for k, v in o.items() if k not in ('resume', 'dry_run', 'max_minutes', 'allow_pickle_code')}
+        train_utils.write_atomic(os.path.join(run_dir, 'options.json'), json.dumps(options, indent=2))
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir
 
 if __name__ == '__main__':
     main() # pylint: disable=no-value-for-parameter

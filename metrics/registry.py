@@ -146,6 +146,37 @@ def _real_side(spec, kind, det, det_name, ref, batch, progress):
             f'{det_name} detector ({det.feature_dim}-d)')
     return (mu, sigma), None
 
+def check_reference(names, ref, device='cpu'):
+    """Check metric names and their reference now, before any work: a one-line MetricError for
+    a missing, unreadable or mismatched reference (nothing is computed; detectors are loaded
+    and cached for later)."""
+    for spec in parse_names(names):
+        kind = KINDS[spec.kind]
+        if kind.needs == 'nothing':
+            continue
+        source = _ref_for(ref, kind.detector)
+        if source is None:
+            raise MetricError(f'{spec.name} needs a reference for the {kind.detector} detector')
+        if features_mod.is_dataset_path(source):
+            try:
+                dataset = features_mod.open_dataset(source)
+            except (OSError, ValueError) as e:
+                raise MetricError(str(e).splitlines()[0]) from None
+            if len(dataset) < 2:
+                raise MetricError(f'{source}: need at least 2 images, found {len(dataset)}')
+            continue
+        if kind.needs == 'features':
+            raise MetricError(f'{spec.name} needs real images (a dataset directory or .zip) as '
+                f'reference, not statistics ({source})')
+        try:
+            mu, _sigma = stats_mod.load_stats(source)
+            det = get_detector(kind.detector, device=device)
+        except (stats_mod.StatsError, detectors_mod.DetectorError) as e:
+            raise MetricError(str(e)) from None
+        if mu.shape[0] != det.feature_dim:
+            raise MetricError(f'{source} holds {mu.shape[0]}-d statistics but {spec.name} uses the '
+                f'{kind.detector} detector ({det.feature_dim}-d)')
+
 def _evaluate(spec, gen, real, device):
     """{result name: value} of one metric from its generated and real sides."""
     if spec.kind in ('fid', 'fd'):

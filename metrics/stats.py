@@ -6,6 +6,7 @@ EDM's fid.py; StyleGAN's metrics divide by N instead (a relative difference of 1
 """
 
 import os
+import zipfile
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def load_stats(path_or_url):
         raise StatsError(f'{path_or_url}: no such file') from None
     except OSError as e: # includes dnnlib.util.DownloadError
         raise StatsError(f'cannot read {path_or_url}: {e}') from None
-    except (ValueError, EOFError) as e: # np.load of something that is not an npz
+    except (ValueError, EOFError, zipfile.BadZipFile) as e: # np.load of something that is not an npz
         raise StatsError(f'{path_or_url} is not an .npz file ({e})') from None
     if 'mu' not in arrays or 'sigma' not in arrays:
         keys = ', '.join(sorted(arrays)) or 'nothing'

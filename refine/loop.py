@@ -112,6 +112,12 @@ def refinement_loop(
             x_opt.load_state_dict(state['x_opt'])
         cur_nimg, cur_tick = state['cur_nimg'], state['cur_tick']
         say(f'Resuming from {resume_state} at {cur_nimg / 1e3:.1f} kimg')
+        if is_main: # the ticks after the state are replayed: their records go
+            train_utils.truncate_jsonl(os.path.join(run_dir, 'stats.jsonl'), lambda r: r.get('tick', 0) <= cur_tick)
+    if is_main:
+        train_utils.remove_stale_temp_files(run_dir)
+    last_snapshot = ([path for kimg, path in train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')
+        if kimg <= cur_nimg / 1e3] or [None])[-1]
 
     def draws(position, phase, part_round):
         """This process's part of a phase's random draws, and a matching seed for the draws the
@@ -195,6 +201,10 @@ def refinement_loop(
         if time_limit_s is not None and not done: # rank 0's clock decides for every process
             done = distributed.all_gather_object(now - start_time >= time_limit_s)[0]
         summary = stats.update().as_dict()
+        train_utils.check_finite(cur_tick, cur_nimg / 1e3,
+            {k: v['mean'] for k, v in summary.items() if k.startswith('loss')},
+            dict(G=G, fake_score=fake, G_ema=G_ema, **{f'divergence module {i}': m for i, m in enumerate(extra)}),
+            last_good=last_snapshot)
         tick_kimg = (cur_nimg - tick_start_nimg) / 1e3
         record = dict(tick=cur_tick, kimg=cur_nimg / 1e3, time=now - start_time,
             sec_per_kimg=(now - tick_start_time) / max(tick_kimg, 1e-8),
@@ -217,16 +227,18 @@ def refinement_loop(
         snapshot_due = done or (snapshot_ticks is not None and cur_tick % snapshot_ticks == 0)
         every = state_ticks if state_ticks is not None else snapshot_ticks
         state_due = done or (every is not None and cur_tick % every == 0)
+        tag = train_utils.snapshot_tag(cur_nimg, tick_start_nimg)
+        snapshot_path = os.path.join(run_dir, f'network-snapshot-{tag}.pkl')
         if snapshot_due and is_main:
-            kimg = cur_nimg // 1000
-            save_snapshot(os.path.join(run_dir, f'network-snapshot-{kimg:06d}.pkl'),
-                G_ema=G_ema, G=G, fake=fake, extra=dict(snapshot_extra, kimg=cur_nimg / 1e3))
-            save_sample_png(G_ema, grid_z, grid_c, os.path.join(run_dir, f'samples-{kimg:06d}.png'))
+            save_snapshot(snapshot_path, G_ema=G_ema, G=G, fake=fake, extra=dict(snapshot_extra, kimg=cur_nimg / 1e3))
+            save_sample_png(G_ema, grid_z, grid_c, os.path.join(run_dir, f'samples-{tag}.png'))
+        if snapshot_due:
+            last_snapshot = snapshot_path
         if snapshot_due and on_snapshot is not None:
             distributed.barrier() # the snapshot file exists before anyone reads it
-            on_snapshot(G_ema, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl'), cur_nimg / 1e3)
+            on_snapshot(G_ema, snapshot_path, cur_nimg / 1e3)
         if state_due and is_main:
-            save_training_state(os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt'),
+            save_training_state(os.path.join(run_dir, f'training-state-{tag}.pt'),
                 dict(G=G.state_dict(), G_ema=G_ema.state_dict(), fake=fake.state_dict(),
                     g_opt=g_opt.state_dict(), f_opt=f_opt.state_dict(),
                     cur_nimg=cur_nimg, cur_tick=cur_tick,
@@ -254,8 +266,12 @@ def save_snapshot(path, G_ema, G, fake, extra):
 
 def save_training_state(path, state):
     tmp = f'{path}.tmp-{os.getpid()}'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp): # a full disk: no partial file stays behind
+            os.remove(tmp)
 
 def save_sample_png(G, z, c, path):
     from refine import sampling # pylint: disable=import-outside-toplevel

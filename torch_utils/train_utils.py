@@ -2,9 +2,11 @@
 splits over processes and accumulation rounds, gradient synchronisation, the EMA, run folders.
 """
 
-import glob
+import json
+import math
 import os
 import re
+import zipfile
 
 import torch
 
@@ -52,14 +54,121 @@ def update_ema(ema, net, cur_nimg, batch_size, halflife_kimg, rampup_ratio=None)
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)
 
-def latest_training_state(path):
-    """`path` itself if it is a file, else the newest training-state-*.pt in that folder."""
+# Snapshot and training-state names: NVlabs' `<prefix>-NNNNNN.<ext>` with NNNNNN the whole kimg
+# seen; a tick that ends in the kimg it started in (ticks under 1 kimg, a short last tick) adds
+# the images as 3 decimals (`-000000.256`), so that no file ever replaces an earlier one.
+_NUMBERED = re.compile(r'^(?P<prefix>.+)-(?P<kimg>\d+(?:\.\d{3})?)\.(?P<ext>[A-Za-z]+)$')
+
+def snapshot_tag(cur_nimg, tick_start_nimg):
+    if cur_nimg // 1000 != tick_start_nimg // 1000:
+        return f'{cur_nimg // 1000:06d}'
+    return f'{cur_nimg // 1000:06d}.{cur_nimg % 1000:03d}'
+
+def numbered_files(folder, prefix, ext):
+    """[(kimg as a float, path)] of `<prefix>-NNNNNN[.ddd].<ext>` in `folder`, in kimg order."""
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = _NUMBERED.match(name)
+        if m and m.group('prefix') == prefix and m.group('ext') == ext:
+            found.append((float(m.group('kimg')), os.path.join(folder, name)))
+    return sorted(found)
+
+def is_complete_torch_file(path):
+    """True if a torch.save archive is whole (every member's CRC checks), False if truncated."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None and any(n.endswith('data.pkl') for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+def latest_training_state(path, log=None):
+    """`path` itself if it is a file, else the newest complete training-state-*.pt in that
+    folder; truncated ones (a kill or a full disk during the save) are skipped with a message."""
     if os.path.isfile(path):
+        if not is_complete_torch_file(path):
+            raise ValueError(f'{path}: truncated or not a training state')
         return path
-    states = sorted(glob.glob(os.path.join(path, 'training-state-*.pt')))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f'{path}: no such run directory or training state')
+    states = numbered_files(path, 'training-state', 'pt')
     if not states:
         raise FileNotFoundError(f'no training-state-*.pt in {path}')
-    return states[-1]
+    for _, state in reversed(states):
+        if is_complete_torch_file(state):
+            return state
+        if log is not None:
+            log(f'Skipping {state}: truncated (an interrupted save); using an earlier state')
+    raise ValueError(f'every training-state-*.pt in {path} is truncated')
+
+def remove_stale_temp_files(folder):
+    """Delete `*.tmp-PID[-...]` files left in `folder` by processes that are gone (a kill or a
+    full disk during an atomic write); a live process's are kept."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = re.search(r'\.tmp-(\d+)(?:-[0-9a-f]+)?$', name)
+        if m and not _pid_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+def write_atomic(path, text):
+    """Write a text file under a temporary name, then rename: never a half-written file."""
+    tmp = f'{path}.tmp-{os.getpid()}'
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def truncate_jsonl(path, keep):
+    """Keep only the records of a JSON-lines file for which keep(record) is true (a resumed run
+    drops the records of the ticks it replays)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding='utf-8') as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if keep(json.loads(line)):
+                kept.append(line if line.endswith('\n') else line + '\n')
+        except ValueError:
+            pass # a line cut by a kill
+    if len(kept) != len(lines):
+        write_atomic(path, ''.join(kept))
+
+class NonFiniteError(ValueError):
+    """A loss or weight became NaN/inf: the run stops without saving it."""
+
+def check_finite(tick, kimg, losses, modules, last_good):
+    """Raise NonFiniteError naming the tick and the last good snapshot if any loss mean or any
+    parameter is not finite (checked once per tick: one reduction per tensor)."""
+    bad = [name for name, value in losses.items() if not math.isfinite(value)]
+    for name, module in modules.items():
+        if any(not bool(torch.isfinite(p).all()) for p in module.parameters()):
+            bad.append(f'{name} weights')
+    if bad:
+        raise NonFiniteError(f"non-finite {', '.join(bad)} at tick {tick} ({kimg:.3f} kimg); nothing "
+            f"of that tick was saved; last good snapshot: {last_good or 'none'} "
+            '(lower the learning rates, or check the teacher)')
 
 def next_run_dir(outdir, desc):
     """outdir/NNNNN-desc with the next free number (the NVlabs run-folder convention)."""

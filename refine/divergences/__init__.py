@@ -1,6 +1,7 @@
 """Divergences between the generator's and the teacher's distributions; one file each."""
 
 import inspect
+import math
 
 from refine.divergences.base import Divergence
 from refine.divergences.di import DiffInstruct
@@ -18,17 +19,81 @@ def divergence_class(name):
         raise ValueError(f"unknown divergence '{name}' (choose from {', '.join(sorted(DIVERGENCES))})")
     return DIVERGENCES[name]
 
-def divergence_options(name):
-    """The keyword options a divergence's constructor accepts (its own and its bases')."""
-    names = []
+def option_defaults(name):
+    """{option: default} of the keyword options a divergence's constructor accepts (its own and
+    its bases'), in declaration order."""
+    defaults = {}
     for klass in divergence_class(name).__mro__:
         if '__init__' not in vars(klass):
             continue
         for param in inspect.signature(klass.__init__).parameters.values():
             if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and param.name != 'self' \
-                    and param.name not in names:
-                names.append(param.name)
-    return names
+                    and param.name not in defaults:
+                defaults[param.name] = None if param.default is param.empty else param.default
+    return defaults
+
+def divergence_options(name):
+    """The keyword options a divergence's constructor accepts."""
+    return list(option_defaults(name))
+
+# Options that are not the user's to set through --div-opt: they come from elsewhere.
+RESERVED_OPTIONS = {'sigma_data': 'it comes from the teacher', 'fake_steps': 'use --fake-steps'}
+
+_TRUE, _FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
+
+def coerce_option(name, key, value):
+    """`value` (a string from the command line, or a JSON value from a saved run) as the type of
+    the option's default; ValueError naming the option otherwise."""
+    defaults = option_defaults(name)
+    if key in RESERVED_OPTIONS:
+        raise ValueError(f"--div-opt {key}: not a divergence option here ({RESERVED_OPTIONS[key]})")
+    if key not in defaults:
+        public = [k for k in defaults if k not in RESERVED_OPTIONS]
+        raise ValueError(f"--div-opt {key}: divergence '{name}' has no such option "
+            f"(its options: {', '.join(public)}; --div-opt help lists them)")
+    default, text = defaults[key], value.strip() if isinstance(value, str) else None
+    where = f'--div-opt {key}={value}'
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f'{where}: expected true or false')
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or (text is not None and text.lower() in _TRUE + _FALSE and not text.isdigit()):
+            raise ValueError(f'{where}: expected a number, not a truth value')
+        try:
+            number = float(value) if isinstance(default, float) else int(text if text is not None else value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected {'a number' if isinstance(default, float) else 'an integer'}") from None
+        if isinstance(default, float) and not math.isfinite(number):
+            raise ValueError(f'{where}: expected a finite number')
+        return number
+    if text is None:
+        return value # a structured value from a saved run (dict, list, None)
+    if default is None or isinstance(default, (dict, list)):
+        lowered = text.lower()
+        if lowered in ('none', 'null'):
+            return None
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+    return text
+
+def coerce_options(name, opts):
+    """Every option of `opts` through coerce_option."""
+    return {key: coerce_option(name, key, value) for key, value in (opts or {}).items()}
+
+def describe_options(name):
+    """Lines listing a divergence's options and their defaults (for --div-opt help)."""
+    lines = [f"Options of divergence '{name}' (--div-opt KEY=VALUE):"]
+    for key, default in option_defaults(name).items():
+        if key not in RESERVED_OPTIONS:
+            lines.append(f'  {key:<20s} default {default!r}')
+    return lines
 
 def make_divergence(name, **kwargs):
     accepted = divergence_options(name)

@@ -7,6 +7,8 @@ A divergence decides
   * whether gradients go through the teacher and fake networks (`grad_through_networks`),
   * how many fake-score updates precede each generator update (`fake_steps`).
 Losses are returned per sample; the loop sums them and divides by the global batch size.
+A divergence with constraints on the batch defines `check_batch(batch_per_round)`, called
+before any work with the images per process and accumulation round (raise ValueError).
 """
 
 import torch

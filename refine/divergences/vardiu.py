@@ -132,6 +132,12 @@ class VarDiU(Divergence):
         frac = 1.0 if self.anneal_kimg <= 0 else min(cur_nimg / (self.anneal_kimg * 1e3), 1.0)
         self.current_power = self.power_start + frac * (self.power - self.power_start)
 
+    def check_batch(self, batch_per_round):
+        """Before any work: antithetic pairs need an even number of samples in every round."""
+        if self.antithetic and batch_per_round % 2:
+            raise ValueError(f'vardiu draws antithetic pairs: the batch per process and round '
+                f'(--batch / --batch-gpu) must be even, got {batch_per_round} (or pass --div-opt antithetic=false)')
+
     def _pair(self, x):
         """Antithetic pairing: each even-indexed draw repeated for its odd neighbour."""
         if x.shape[0] % 2:
