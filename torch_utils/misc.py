@@ -42,6 +42,13 @@ def constant(value, shape=None, dtype=None, device=None, memory_format=None):
     return tensor
 
 
+def const_like(ref, value, shape=None, dtype=None, device=None, memory_format=None):
+    """`constant(value)` with `ref`'s dtype and device unless given (used by EDM2's sources)."""
+    dtype = ref.dtype if dtype is None else dtype
+    device = ref.device if device is None else device
+    return constant(value, shape=shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
 @contextlib.contextmanager
 def suppress_tracer_warnings():
     """Ignore `torch.jit.TracerWarning` inside the block (shape checks trigger them)."""

@@ -190,7 +190,24 @@ def _src_to_module(src):
         # Register before executing: persistent_class() looks the source up while it runs.
         _module_to_src_dict[module] = src
         _src_to_module_dict[src] = module
-        exec(src, module.__dict__) # pylint: disable=exec-used
+        try:
+            exec(src, module.__dict__) # pylint: disable=exec-used
+        except BaseException as e:
+            # Unregister the half-executed module, so that the next pickle with this source
+            # tries again instead of finding a module without its classes.
+            sys.modules.pop(module_name, None)
+            _module_to_src_dict.pop(module, None)
+            _src_to_module_dict.pop(src, None)
+            if isinstance(e, ModuleNotFoundError) and e.name:
+                top = e.name.split('.')[0]
+                hint = 'which this toolkit does not provide' if top in ('dnnlib', 'torch_utils', 'training') \
+                    else f'which is not installed here (pip install {top})'
+                raise ImportError(f"code embedded in the pickle imports '{e.name}', {hint}",
+                    name=e.name) from None
+            if isinstance(e, ImportError):
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ImportError(f'code embedded in the pickle failed to import: {first}', name=e.name) from None
+            raise
     return module
 
 def load(file, allow_code=False):

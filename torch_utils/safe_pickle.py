@@ -40,6 +40,12 @@ KNOWN_CLASS_MODULES = {
     'training.conv_discriminator': None,
     # StyleGAN3's networks_stylegan3.py reuses these class names but has no SynthesisBlock.
     'training.networks_stylegan2': 'class SynthesisBlock',
+    # EDM2 (NVlabs' training/networks_edm2.py and training/encoders.py, or ours); its generic
+    # class names (UNet, Block, Precond) apply only to sources that define these classes.
+    'training.networks_edm2': 'class MPConv',
+    'training.encoders_edm2': 'class StabilityVAEEncoder',
+    # diffusers UNets/VAEs wrapped as EDM denoisers (diffusers itself is imported lazily).
+    'training.networks_diffusers': 'class DiffusersDenoiser',
 }
 
 ALLOW_CODE_HINT = 'pass --allow-pickle-code (allow_code=True) only if you trust the file'

@@ -1,0 +1,1 @@
+"""diffusers networks as EDM denoisers (being written)."""
