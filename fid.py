@@ -25,16 +25,13 @@ import click
 import dnnlib
 import generate
 from metrics import detectors, features, registry, stats
-from torch_utils import distributed
+from torch_utils import cli, distributed
 
 def _echo0(message):
     if distributed.is_main():
         click.echo(message, err=True)
 
-def _one_line(e):
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-@click.group()
+@click.group(cls=cli.Group)
 def main():
     """Compute FID (and KID, precision/recall, IS) of generated images; EDM-compatible."""
 
@@ -47,9 +44,12 @@ def main():
 @click.option('--detector',                    help='Feature detector', type=click.Choice(detectors.DETECTOR_NAMES), default='inception', show_default=True)
 @click.option('--detector-url',                help='Detector weights (path or URL)', metavar='PT|URL', type=str, default=None)
 @click.option('--device',                      help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']), default=None)
+@cli.user_errors
 def ref(data_path, dest_path, batch, detector, detector_url, device):
     """Compute reference statistics (mu, sigma) of every image of a dataset."""
     distributed.init()
+    cli.check_readable(data_path, '--data', 'file or directory')
+    cli.check_writable_file(dest_path, '--dest')
     device = generate.pick_device(device)
     try:
         det = registry.get_detector(detector, url=detector_url, device=device)
@@ -63,7 +63,7 @@ def ref(data_path, dest_path, batch, detector, detector_url, device):
     try:
         feats = features.dataset_features(dataset, {'f': det.features}, batch, _echo0)['f']
     except (features.SourceError, ValueError) as e:
-        raise click.ClickException(_one_line(e)) from None
+        raise click.ClickException(cli.one_line(e)) from None
     if distributed.is_main():
         mu, sigma = stats.feature_stats(feats)
         try:
@@ -106,17 +106,19 @@ def _generator(network_pkl, allow_pickle_code, sigma_init, num_steps, class_idx,
 @click.option('--seed',                        help='Random seed of the image subset / first seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--seeds',                       help='Seeds to generate (--network; replaces --num/--seed)', metavar='LIST', type=str, callback=_parse_seeds)
 @click.option('--class',        'class_idx',   help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
-@click.option('--sigma-init',                  help='Read an EDM pickle as a one-step generator at this noise level', metavar='FLOAT', type=float, default=None)
+@click.option('--sigma-init',                  help='Read an EDM pickle as a one-step generator at this noise level', metavar='FLOAT', type=cli.positive_float(), default=None)
 @click.option('--steps',        'num_steps',   help='Heun sampler steps (EDM teachers)  [default: 18]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--allow-pickle-code',           help='Run code embedded in the pickle (trusted files only)', is_flag=True)
 @click.option('--batch',                       help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--detector',                    help='Feature detector  [default: inception; with --metrics each metric\'s own]', type=click.Choice(detectors.DETECTOR_NAMES), default=None)
 @click.option('--detector-url',                help='Inception TorchScript weights (path or URL)', metavar='PT|URL', type=str, default=None)
 @click.option('--device',                      help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']), default=None)
+@cli.user_errors
 def calc(image_path, network_pkl, ref_path, metric_names, num, seed, seeds, class_idx, sigma_init,
         num_steps, allow_pickle_code, batch, detector, detector_url, device):
     """Compute FID (or --metrics) of generated images against a reference."""
     distributed.init()
+    cli.check_readable(network_pkl, '--network')
     if (image_path is None) == (network_pkl is None):
         raise click.UsageError('give exactly one of --images and --network')
     if network_pkl is None and (seeds or class_idx is not None or sigma_init is not None or num_steps):
@@ -145,7 +147,7 @@ def calc(image_path, network_pkl, ref_path, metric_names, num, seed, seeds, clas
             batch=batch, detector=detector, detector_url=detector_url, num=num, seed=seed,
             progress=_echo0)
     except ValueError as e: # MetricError, SourceError, StatsError, DetectorError, too few samples
-        raise click.ClickException(_one_line(e)) from None
+        raise click.ClickException(cli.one_line(e)) from None
 
     if distributed.is_main():
         for record in records.values():

@@ -21,7 +21,7 @@ import torch
 
 import dnnlib
 from refine import generation, sampling
-from torch_utils import distributed
+from torch_utils import cli, distributed
 
 def _parse_seeds(_ctx, _param, value):
     try:
@@ -74,44 +74,65 @@ def _save_npy_atomically(array, path):
         np.save(f, array)
     os.replace(tmp_path, path)
 
+class _NotNaN(click.FloatRange):
+    """A float >= 0 that may be inf (S_max's 'no limit') but not nan."""
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f'{value!r} is not a number', param, ctx)
+        return number
+
+NOT_NAN_NONNEGATIVE = _NotNaN(min=0)
+
+def check_sampler_options(sampler_kwargs):
+    """Ranges that single flags cannot check: the noise range must not be empty."""
+    lo, hi = sampler_kwargs.get('sigma_min'), sampler_kwargs.get('sigma_max')
+    if lo is not None and hi is not None and lo >= hi:
+        raise click.BadParameter(f'{lo:g} is not below --sigma_max {hi:g}', param_hint='--sigma_min')
+    if sampler_kwargs.get('S_min', 0) > sampler_kwargs.get('S_max', float('inf')):
+        raise click.BadParameter(f"{sampler_kwargs['S_min']:g} is above --S_max", param_hint='--S_min')
+
 def _echo0(message):
     if distributed.is_main():
         click.echo(message, err=True)
 
-@click.command(context_settings=dict(show_default=True))
+@click.command(cls=cli.Command, context_settings=dict(show_default=True))
 @click.option('--network',  'network_pkl',    help='Network pickle path or URL', metavar='PKL|URL', type=str, required=True)
 @click.option('--outdir',                     help='Where to save the outputs', metavar='DIR', type=str, required=True)
 @click.option('--seeds',                      help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=str, default='0-63', callback=_parse_seeds)
 @click.option('--class',    'class_idx',      help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch',    'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64)
 @click.option('--steps',    'num_steps',      help='Heun sampler steps (EDM teachers)', metavar='INT', type=click.IntRange(min=1), default=18)
-@click.option('--sigma_min',                  help='Lowest noise level  [default: the network\'s or 0.002]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max',                  help='Highest noise level  [default: the network\'s or 80]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho',                        help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7)
-@click.option('--S_churn',  'S_churn',        help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
-@click.option('--S_min',    'S_min',          help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
-@click.option('--S_max',    'S_max',          help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=float('inf'))
-@click.option('--S_noise',  'S_noise',        help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1)
-@click.option('--sigma-init',                 help='Read an EDM pickle as a one-step generator at this noise level (SiD 2.5, DI 1.0)', metavar='FLOAT', type=float, default=None)
-@click.option('--trunc',    'truncation_psi', help='StyleGAN truncation psi  [default: 1]', metavar='FLOAT', type=float, default=None)
+@click.option('--sigma_min',                  help='Lowest noise level  [default: the network\'s or 0.002]', metavar='FLOAT', type=cli.positive_float())
+@click.option('--sigma_max',                  help='Highest noise level  [default: the network\'s or 80]', metavar='FLOAT', type=cli.positive_float())
+@click.option('--rho',                        help='Time step exponent', metavar='FLOAT', type=cli.positive_float(), default=7)
+@click.option('--S_churn',  'S_churn',        help='Stochasticity strength', metavar='FLOAT', type=cli.nonnegative_float(), default=0)
+@click.option('--S_min',    'S_min',          help='Stoch. min noise level', metavar='FLOAT', type=cli.nonnegative_float(), default=0)
+@click.option('--S_max',    'S_max',          help='Stoch. max noise level (inf: no limit)', metavar='FLOAT', type=NOT_NAN_NONNEGATIVE, default=float('inf'))
+@click.option('--S_noise',  'S_noise',        help='Stoch. noise inflation', metavar='FLOAT', type=cli.positive_float(), default=1)
+@click.option('--sigma-init',                 help='Read an EDM pickle as a one-step generator at this noise level (SiD 2.5, DI 1.0)', metavar='FLOAT', type=cli.positive_float(), default=None)
+@click.option('--trunc',    'truncation_psi', help='StyleGAN truncation psi  [default: 1]', metavar='FLOAT', type=cli.FiniteFloat(), default=None)
 @click.option('--noise-mode',                 help='StyleGAN noise  [default: random]', type=click.Choice(['random', 'const', 'none']), default=None)
 @click.option('--grid',     'grid_path',      help='Also save all outputs in one PNG here', metavar='PNG', type=str, default=None)
 @click.option('--subdirs',                    help='Put images in subdirectories of 1000', is_flag=True)
 @click.option('--allow-pickle-code',          help='Run code embedded in the pickle (trusted files only)', is_flag=True)
 @click.option('--device',                     help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']), default=None)
+@cli.user_errors
 def main(network_pkl, outdir, seeds, class_idx, max_batch_size, grid_path, subdirs,
         allow_pickle_code, device, sigma_init, truncation_psi, noise_mode, **sampler_kwargs):
     """Generate images (or vectors) from an EDM teacher, a one-step snapshot, or a SiD/DI pickle."""
     distributed.init()
     device = pick_device(device)
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    check_sampler_options(sampler_kwargs)
+    cli.check_readable(network_pkl, '--network')
+    cli.check_writable_dir(outdir, '--outdir')
+    if grid_path is not None:
+        cli.check_writable_file(grid_path, '--grid')
     torch.manual_seed(0) # StyleGAN's 'random' noise comes from the global generator
     sample, meta = load_sampler(network_pkl, allow_pickle_code, sigma_init, device, sampler_kwargs, class_idx,
         generator_kwargs=dict(truncation_psi=truncation_psi, noise_mode=noise_mode))
-    try:
-        os.makedirs(outdir, exist_ok=True)
-    except OSError as e:
-        raise click.BadParameter(f'cannot create {outdir}: {e.strerror}', param_hint='--outdir') from None
+    os.makedirs(outdir, exist_ok=True)
 
     # Rank r takes every world_size-th batch, so the processes share the work evenly.
     batches = [seeds[i:i + max_batch_size] for i in range(0, len(seeds), max_batch_size)]

@@ -73,7 +73,7 @@ def saved_options(run_dir, ctx):
             raise click.BadParameter(f'{path}: unknown option {key!r}', param_hint='--resume')
     return checked
 
-@click.command(context_settings=dict(show_default=True))
+@click.command(cls=cli.Command, context_settings=dict(show_default=True))
 @click.option('--teacher',      help='Teacher: EDM pickle path/URL, or gmm:PRESET', metavar='PKL|gmm:NAME', type=str)
 @click.option('--gen',          help='Generator: teacher, mlp, or a pickle path/URL', metavar='SPEC', type=str, default='teacher')
 @click.option('--outdir',       help='Where to make the run directory', metavar='DIR', type=str)

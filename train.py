@@ -10,16 +10,19 @@ Examples:
   torchrun --nproc_per_node=8 train.py --data datasets/cifar10-32x32.zip --outdir runs --cond
 """
 
+import inspect
 import json
 import os
+import shutil
 import zipfile
 
 import click
 from click.core import ParameterSource
 import torch
 
+
 import dnnlib
-from torch_utils import distributed, train_utils
+from torch_utils import cli, distributed, train_utils
 from training import training_loop
 
 # Per-architecture defaults and the UNet options that define each architecture.
@@ -40,12 +43,40 @@ PRECONDS = dict(
 )
 # Options that may change when a run is resumed: none of them changes what is computed.
 RESUME_OVERRIDES = ('duration', 'tick', 'snap', 'dump', 'workers', 'dry_run', 'resume')
+# The only classes a training_options.json may name: the file is data, and a name it gives is
+# constructed, so anything else (subprocess.Popen, ...) would run code the user never chose.
+ALLOWED_CLASSES = {'training.dataset.ImageFolderDataset'} | {name for pair in PRECONDS.values() for name in pair}
 
 def _resume_state(path):
     try:
-        return train_utils.latest_training_state(path)
-    except FileNotFoundError as e:
-        raise click.BadParameter(str(e), param_hint='--resume') from None
+        return train_utils.latest_training_state(path, log=distributed.print0)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(cli.one_line(e), param_hint='--resume') from None
+
+def check_saved_kwargs(kwargs, path):
+    """Refuse a training_options.json that names a class outside ALLOWED_CLASSES, or holds
+    keys training_loop does not take."""
+    if not isinstance(kwargs, dict):
+        raise click.BadParameter(f'{path}: not an options file', param_hint='--resume')
+    accepted = set(inspect.signature(training_loop.training_loop).parameters) - {'run_dir', 'resume_state', 'log'}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise click.BadParameter(f'{path}: unknown option {unknown[0]!r}', param_hint='--resume')
+    def walk(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in ('class_name', 'func_name') and item not in ALLOWED_CLASSES:
+                    raise click.BadParameter(f'{path} names {key} {item!r}, which is not one of this '
+                        f"toolkit's own ({', '.join(sorted(ALLOWED_CLASSES))}); refusing to construct it",
+                        param_hint='--resume')
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+    walk(kwargs)
+    for key in ('dataset_kwargs', 'network_kwargs', 'loss_kwargs'):
+        if not isinstance(kwargs.get(key), dict) or 'class_name' not in kwargs[key]:
+            raise click.BadParameter(f'{path}: {key} must name its class', param_hint='--resume')
 
 def _int_list(_ctx, param, value):
     if value is None:
@@ -57,9 +88,12 @@ def _int_list(_ctx, param, value):
 
 def _open_dataset(dataset_kwargs):
     try:
-        return dnnlib.util.construct_class_by_name(**dataset_kwargs)
+        dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+        dataset.check_images(progress=distributed.print0)
+        return dataset
     except (OSError, zipfile.BadZipFile, ValueError) as e:
-        message = str(e) if dataset_kwargs['path'] in str(e) else f'{dataset_kwargs["path"]}: {e}'
+        message = cli.one_line(e)
+        message = message if dataset_kwargs['path'] in message else f'{dataset_kwargs["path"]}: {message}'
         raise click.BadParameter(message, param_hint='--data') from None
 
 def build_options(opts):
@@ -125,7 +159,8 @@ def resume_options(ctx, opts):
         with open(options_path, encoding='utf-8') as f:
             kwargs = json.load(f)
     except (OSError, ValueError) as e:
-        raise click.BadParameter(f'cannot read {options_path}: {e}', param_hint='--resume') from None
+        raise click.BadParameter(f'cannot read {options_path}: {cli.one_line(e)}', param_hint='--resume') from None
+    check_saved_kwargs(kwargs, options_path)
     for name, key, scale in [('duration', 'total_kimg', 1000), ('tick', 'kimg_per_tick', 1),
             ('snap', 'snapshot_ticks', 1), ('dump', 'state_dump_ticks', 1)]:
         if name in given:
@@ -134,7 +169,7 @@ def resume_options(ctx, opts):
         kwargs['data_loader_kwargs'] = dict(kwargs.get('data_loader_kwargs', {}), num_workers=opts['workers'])
     return kwargs, run_dir, state
 
-@click.command(context_settings=dict(show_default=True))
+@click.command(cls=cli.Command, context_settings=dict(show_default=True))
 @click.option('--data',       help='Dataset: a ZIP or directory made by dataset_tool.py', metavar='ZIP|DIR', type=str)
 @click.option('--outdir',     help='Where to make the run directory', metavar='DIR', type=str)
 @click.option('--cond',       help='Train a class-conditional model', is_flag=True)
@@ -147,19 +182,20 @@ def resume_options(ctx, opts):
 @click.option('--dropout',    help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.13)
 @click.option('--xflip',      help='Add mirrored copies of the images', is_flag=True)
 @click.option('--cache',      help='Keep decoded images in memory', is_flag=True)
-@click.option('--lr',         help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10e-4)
+@click.option('--lr',         help='Learning rate', metavar='FLOAT', type=cli.positive_float(), default=10e-4)
 @click.option('--batch',      help='Global batch size', metavar='INT', type=click.IntRange(min=1), default=512)
 @click.option('--batch-gpu',  help='Images per process per accumulation round', metavar='INT', type=click.IntRange(min=1))
-@click.option('--duration',   help='Training duration [Mimg]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=200)
-@click.option('--ema',        help='EMA half-life [Mimg]', metavar='FLOAT', type=click.FloatRange(min=0), default=0.5)
-@click.option('--lr-rampup',  help='Learning-rate ramp-up [Mimg]', metavar='FLOAT', type=click.FloatRange(min=0), default=10)
-@click.option('--tick',       help='Progress interval [kimg]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=50)
+@click.option('--duration',   help='Training duration [Mimg]', metavar='FLOAT', type=cli.positive_float(), default=200)
+@click.option('--ema',        help='EMA half-life [Mimg]', metavar='FLOAT', type=cli.nonnegative_float(), default=0.5)
+@click.option('--lr-rampup',  help='Learning-rate ramp-up [Mimg]', metavar='FLOAT', type=cli.nonnegative_float(), default=10)
+@click.option('--tick',       help='Progress interval [kimg]', metavar='FLOAT', type=cli.positive_float(), default=50)
 @click.option('--snap',       help='Snapshot interval [ticks]', metavar='INT', type=click.IntRange(min=1), default=50)
 @click.option('--dump',       help='Training-state interval [ticks]', metavar='INT', type=click.IntRange(min=1), default=500)
 @click.option('--seed',       help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0)
 @click.option('--workers',    help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1)
 @click.option('--resume',     help='Continue a run: its directory or a training-state .pt', metavar='PATH', type=str)
 @click.option('--dry-run',    help='Print the training options and exit', is_flag=True)
+@cli.user_errors
 def main(**opts):
     """Train an EDM diffusion model (EDMPrecond + SongUNet/DhariwalUNet) on an image dataset."""
     distributed.init()
@@ -169,8 +205,8 @@ def main(**opts):
     else:
         if not opts['data']:
             raise click.BadParameter('a dataset is required', param_hint='--data')
-        if not opts['outdir'] and not opts['dry_run']:
-            raise click.BadParameter('an output directory is required', param_hint='--outdir')
+        if not opts['dry_run']:
+            cli.check_writable_dir(opts['outdir'], '--outdir')
         kwargs, run_dir, resume_state = build_options(opts), None, None
     if opts['dry_run']:
         distributed.print0(json.dumps(kwargs, indent=2))
@@ -184,8 +220,11 @@ def main(**opts):
         run_dir = distributed.all_gather_object(run_dir)[0]
         if distributed.is_main():
             os.makedirs(run_dir)
-            with open(os.path.join(run_dir, 'training_options.json'), 'w', encoding='utf-8') as f:
-                json.dump(kwargs, f, indent=2)
+            try:
+                train_utils.write_atomic(os.path.join(run_dir, 'training_options.json'), json.dumps(kwargs, indent=2))
+            except BaseException:
+                shutil.rmtree(run_dir, ignore_errors=True) # no half-made run folder
+                raise
     # Rank 0 copies its output to log.txt in the run directory (appended to on resume). It is
     # left open on an exception so that the traceback lands in the log too.
     logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a') if distributed.is_main() else None

@@ -238,7 +238,7 @@ def refinement_loop(
             distributed.barrier() # the snapshot file exists before anyone reads it
             on_snapshot(G_ema, snapshot_path, cur_nimg / 1e3)
         if state_due and is_main:
-            save_training_state(os.path.join(run_dir, f'training-state-{tag}.pt'),
+            train_utils.save_training_state(os.path.join(run_dir, f'training-state-{tag}.pt'),
                 dict(G=G.state_dict(), G_ema=G_ema.state_dict(), fake=fake.state_dict(),
                     g_opt=g_opt.state_dict(), f_opt=f_opt.state_dict(),
                     cur_nimg=cur_nimg, cur_tick=cur_tick,
@@ -263,15 +263,6 @@ def save_snapshot(path, G_ema, G, fake, extra):
         data.update(data['G_ema'].snapshot_items(data['G']))
     data.update(extra)
     persistence.save_network_pkl(data, path)
-
-def save_training_state(path, state):
-    tmp = f'{path}.tmp-{os.getpid()}'
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): # a full disk: no partial file stays behind
-            os.remove(tmp)
 
 def save_sample_png(G, z, c, path):
     from refine import sampling # pylint: disable=import-outside-toplevel

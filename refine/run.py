@@ -6,7 +6,7 @@ import dnnlib
 from refine import generators, teachers
 from refine.divergences import DIVERGENCES, make_divergence
 from refine.loop import refinement_loop
-from torch_utils import distributed
+from torch_utils import distributed, train_utils
 
 DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, sigma_init=None,
     kimg=200.0, tick=1.0, snap=10, seed=0, ema=0.5, fake_steps=None, mlp_hidden=256, div_opt=None,
@@ -47,6 +47,8 @@ def prepare(o):
         registry.parse_names(o.metrics) # unknown names fail now, not at the first snapshot
         if not o.metric_ref:
             raise ValueError('--metrics needs --metric-ref (a dataset ZIP/directory or a reference .npz)')
+    world = distributed.get_world_size()
+    train_utils.split_batch(o.batch, o.batch_gpu, world) # one-line errors for --batch/--batch-gpu
     teacher = teachers.load_teacher(o.teacher, allow_code=o.allow_pickle_code)
     mlp_kwargs = dict(hidden=o.mlp_hidden)
     stylegan_kwargs = dict(truncation_psi=o.truncation, noise_mode=o.noise_mode, train_params=o.train_params)
@@ -55,14 +57,18 @@ def prepare(o):
     if not hasattr(G, 'snapshot_items') and any(v is not None for v in stylegan_kwargs.values()):
         raise ValueError('--truncation, --noise-mode and --train-params apply to StyleGAN generators (--gen stylegan.pkl)')
     generators.check_compatible(G, teacher)
+    if o.metrics:
+        if getattr(G, 'is_vector', False):
+            raise ValueError(f'--metrics {o.metrics}: image metrics, but this generator makes vectors')
+        registry.check_reference(o.metrics, o.metric_ref)
     fake = generators.build_fake_score(teacher, mlp_kwargs=mlp_kwargs)
     div_kwargs = dict(o.get('div_opt') or {}, sigma_data=teacher.sigma_data)
     if o.fake_steps is not None:
         div_kwargs['fake_steps'] = o.fake_steps
     divergence = make_divergence(o.divergence, **div_kwargs)
-    world = distributed.get_world_size()
-    if o.batch % world != 0:
-        raise ValueError(f'--batch {o.batch} does not split over {world} processes')
+    if hasattr(divergence, 'check_batch'):
+        rounds, batch_gpu = train_utils.split_batch(o.batch, o.batch_gpu, world)
+        divergence.check_batch(batch_gpu)
 
     summary = dict(options={k: v for k, v in o.items() if k not in ('resume', 'dry_run')},
         teacher=dict(kind=type(teacher).__name__, shape=list(teacher.shape), label_dim=teacher.label_dim,

@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import pickle
+import sys
 import tempfile
 import traceback
 import zipfile
@@ -76,6 +77,32 @@ def _save_traceback():
         return path
     except OSError:
         return f'nowhere: the disk is not writable; rerun with {TRACEBACK_ENV}=1'
+
+class _OneLineErrors:
+    """click's standalone handling, except that a usage error is one line (click prints the
+    usage text above it): `Error: Invalid value for '--lr': 'nan' is not a finite number.`"""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            click.echo(f'Error: {e.format_message()}', err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo('Aborted!', err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+class Command(_OneLineErrors, click.Command):
+    """@click.command(cls=cli.Command): one-line usage errors."""
+
+class Group(_OneLineErrors, click.Group):
+    """@click.group(cls=cli.Group): one-line usage errors in every subcommand."""
 
 #----------------------------------------------------------------------------
 # Numbers.

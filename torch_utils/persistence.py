@@ -171,6 +171,10 @@ def _reconstruct_persistent_obj(meta):
         obj.__dict__.update(meta.state)
     return obj
 
+def is_known_source(src):
+    """True if `src` is the text of a module already imported here (loading it runs nothing new)."""
+    return src in _src_to_module_dict
+
 def _module_to_src(module):
     """Source text of a module, cached both ways so the module can be found from its source."""
     src = _module_to_src_dict.get(module, None)
@@ -211,12 +215,17 @@ def _src_to_module(src):
     return module
 
 def load(file, allow_code=False):
-    """Unpickle `file` (a binary file object) the NVlabs way: by executing embedded source.
+    """Unpickle `file` (a binary file object).
 
-    Without `allow_code` this succeeds only for pickles whose sources are modules already
-    imported here. Prefer `torch_utils.safe_pickle.load`, which never executes embedded code.
+    By default nothing from the file runs: this is `torch_utils.safe_pickle.load`, a restricted
+    unpickler that rebuilds the classes it knows as our own. With `allow_code=True` the pickle
+    is loaded the NVlabs way, by executing its embedded source (and any other global it names):
+    only for files you trust.
     """
-    with allow_code_execution() if allow_code else contextlib.nullcontext():
+    if not allow_code:
+        from torch_utils import safe_pickle # pylint: disable=import-outside-toplevel (it imports us)
+        return safe_pickle.load(file)
+    with allow_code_execution():
         return pickle.load(file)
 
 #----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import collections
 import importlib
 import io
 import pickle
+import sys
 
 import numpy as np
 import torch
@@ -287,10 +288,90 @@ def load(file, allow_code=False):
         return persistence.load(file, allow_code=True)
     return _rebuild_all(_RestrictedUnpickler(file).load(), memo={})
 
+def load_plain_data(file, encoding='ASCII'):
+    """Unpickle plain data (numbers, strings, containers, numpy arrays, tensors) and nothing
+    else: any other global, a __reduce__ payload included, is refused. `encoding='latin1'`
+    reads numpy arrays pickled by Python 2."""
+    return _RestrictedUnpickler(file, encoding=encoding).load()
+
 def load_network_pkl(url_or_path, allow_code=False):
-    """Open a path or URL (download cache as in dnnlib.util.open_url) and load it."""
+    """Open a path or URL (download cache as in dnnlib.util.open_url) and load it.
+
+    A file that is not a complete pickle raises a one-line UnsafePickleError naming it. With
+    `allow_code`, one warning line on stderr names the classes and functions whose code the
+    file makes run.
+    """
     with dnnlib.util.open_url(url_or_path, verbose=False) as f:
-        return load(f, allow_code=allow_code)
+        head = f.read(4)
+        f.seek(0)
+        if head.startswith(b'PK\x03\x04'):
+            raise UnsafePickleError(f'{url_or_path} is a torch.save archive (e.g. a training-state .pt), '
+                'not a network pickle')
+        try:
+            if allow_code:
+                names = code_in_pickle(f)
+                f.seek(0)
+                if names:
+                    print(f"Warning: --allow-pickle-code: {url_or_path} runs its own code for "
+                        f"{', '.join(names)}", file=sys.stderr, flush=True)
+            return load(f, allow_code=allow_code)
+        except (UnsafePickleError, persistence.PickleCodeRefused):
+            raise
+        except (EOFError, pickle.UnpicklingError) as e:
+            raise UnsafePickleError(f'{url_or_path}: not a complete network pickle ({_first_line(e)})') from None
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            if allow_code:
+                raise # the file's own code failed; its message says why
+            raise UnsafePickleError(f'{url_or_path}: not a network pickle ({_first_line(e)})') from None
+
+def _first_line(e):
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+class _Inert:
+    """Stands in for every object while a pickle is only being scanned."""
+    def __new__(cls, *_args, **_kwargs):
+        return object.__new__(cls)
+    def __init__(self, *_args, **_kwargs):
+        pass
+    def __call__(self, *_args, **_kwargs):
+        return _Inert()
+    def __setstate__(self, _state):
+        pass
+    def __setitem__(self, _key, _value):
+        pass
+    def append(self, _value):
+        pass
+    def extend(self, _values):
+        pass
+
+class _ScanningUnpickler(pickle.Unpickler):
+    """Walks a pickle, builds nothing, and records what would run code when loaded for real."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.names = []
+
+    def find_class(self, module, name):
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
+            def record(meta):
+                if isinstance(meta, dict) and not persistence.is_known_source(meta.get('module_src')):
+                    self.names.append(str(meta.get('class_name')))
+                return _Inert()
+            return record
+        if _RestrictedUnpickler._table is None:
+            _RestrictedUnpickler._table = _allowed_globals()
+        if (module, name) not in _RestrictedUnpickler._table and not (module == 'torch' and name.endswith('Tensor')):
+            self.names.append(f'{module}.{name}')
+        return _Inert
+
+def code_in_pickle(file):
+    """Names of the embedded classes (with source not already imported here) and of the other
+    globals whose code a pickle would run when loaded with code allowed; runs none of it."""
+    scanner = _ScanningUnpickler(file)
+    scanner.load()
+    return list(dict.fromkeys(scanner.names))
 
 def require_module(data, key, source='pickle'):
     """`data[key]` as a usable torch module, or a one-line error saying what is wrong."""

@@ -138,6 +138,17 @@ def write_atomic(path, text):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+def save_training_state(path, state):
+    """torch.save under a temporary name, then rename; a failed save (a full disk) leaves no
+    partial file and never replaces the previous state."""
+    tmp = f'{path}.tmp-{os.getpid()}'
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
 def truncate_jsonl(path, keep):
     """Keep only the records of a JSON-lines file for which keep(record) is true (a resumed run
     drops the records of the ticks it replays)."""

@@ -52,10 +52,12 @@ class Dataset(torch.utils.data.Dataset):
             labels = self._load_raw_labels() if self._use_labels else None
             if labels is None:
                 labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
-            assert isinstance(labels, np.ndarray) and labels.shape[0] == self._raw_shape[0]
-            assert labels.dtype in (np.float32, np.int64)
-            if labels.dtype == np.int64:
-                assert labels.ndim == 1 and np.all(labels >= 0)
+            where = getattr(self, '_path', self._name)
+            if not isinstance(labels, np.ndarray) or labels.shape[0] != self._raw_shape[0] \
+                    or labels.dtype not in (np.float32, np.int64):
+                raise IOError(f'{where}: labels must be one int or one float vector per image')
+            if labels.dtype == np.int64 and (labels.ndim != 1 or np.any(labels < 0)):
+                raise IOError(f'{where}: class labels must be non-negative integers')
             self._raw_labels = labels
         return self._raw_labels
 
@@ -80,7 +82,9 @@ class Dataset(torch.utils.data.Dataset):
             if self._cache:
                 self._cached_images[raw_idx] = image
         assert isinstance(image, np.ndarray) and image.dtype == np.uint8
-        assert list(image.shape) == self.image_shape, f'image {raw_idx} has shape {list(image.shape)}, expected {self.image_shape}'
+        if list(image.shape) != self.image_shape:
+            raise IOError(f'{getattr(self, "_path", self.name)}: image {raw_idx} has shape {list(image.shape)}, '
+                f'unlike the first one {self.image_shape}; all images must be alike')
         if self._xflip[idx]:
             image = image[:, :, ::-1]
         return image.copy(), self.get_label(idx)
@@ -180,7 +184,10 @@ class ImageFolderDataset(Dataset):
         # One handle per process: an open ZIP must not be shared by DataLoader workers.
         assert self._type == 'zip'
         if self._zipfile is None or self._zipfile_pid != os.getpid():
-            self._zipfile = zipfile.ZipFile(self._path)
+            try:
+                self._zipfile = zipfile.ZipFile(self._path)
+            except zipfile.BadZipFile as e:
+                raise IOError(f'{self._path}: not a readable ZIP file ({e}); is it truncated?') from None
             self._zipfile_pid = os.getpid()
         return self._zipfile
 
@@ -198,24 +205,53 @@ class ImageFolderDataset(Dataset):
         return dict(self.__dict__, _zipfile=None, _zipfile_pid=None)
 
     def _load_raw_image(self, raw_idx):
-        with self._open_file(self._image_fnames[raw_idx]) as f:
-            image = np.array(PIL.Image.open(f))
+        fname = self._image_fnames[raw_idx]
+        try:
+            with self._open_file(fname) as f:
+                image = np.array(PIL.Image.open(f))
+        except Exception as e: # PIL raises OSError, SyntaxError, zlib.error, ... for broken files
+            raise IOError(f'{self._path}: {fname} is not a readable image ({type(e).__name__}: {e})') from None
         if image.ndim == 2:
             image = image[:, :, np.newaxis] # HW -> HWC
         return image.transpose(2, 0, 1) # HWC -> CHW
+
+    def check_images(self, progress=None):
+        """Read every image's header and check its integrity (PIL's verify: PNG chunk CRCs)
+        and shape against the first, so that a broken or odd image stops a run before it
+        starts, with its name. About a second per 50k small PNGs."""
+        first = self.image_shape
+        for i, fname in enumerate(self._image_fnames):
+            if progress is not None and i and i % 10000 == 0:
+                progress(f'checked {i}/{len(self._image_fnames)} images')
+            try:
+                with self._open_file(fname) as f:
+                    image = PIL.Image.open(f)
+                    channels = len(image.getbands())
+                    shape = [channels, image.height, image.width]
+                    image.verify()
+            except Exception as e: # pylint: disable=broad-except
+                raise IOError(f'{self._path}: {fname} is not a readable image ({type(e).__name__}: {e})') from None
+            if shape != first:
+                raise IOError(f'{self._path}: {fname} is {shape[2]}x{shape[1]} with {shape[0]} channel(s), '
+                    f'unlike the first image ({first[2]}x{first[1]}, {first[0]}); all images must be alike')
 
     def _load_raw_labels(self):
         fname = 'dataset.json'
         if fname not in self._all_fnames:
             return None
-        with self._open_file(fname) as f:
-            labels = json.load(f)['labels']
-        if labels is None:
-            return None
-        labels = dict(labels)
+        try:
+            with self._open_file(fname) as f:
+                labels = json.load(f)['labels']
+            if labels is None:
+                return None
+            labels = dict(labels)
+        except (ValueError, KeyError, TypeError) as e:
+            raise IOError(f'{self._path}: dataset.json is not {{"labels": [[name, label], ...]}} ({type(e).__name__}: {e})') from None
         try:
             labels = [labels[fname.replace('\\', '/')] for fname in self._image_fnames]
         except KeyError as e:
             raise IOError(f'{self._path}: dataset.json has no label for {e.args[0]}') from None
         labels = np.array(labels)
+        if labels.ndim not in (1, 2) or not np.issubdtype(labels.dtype, np.number):
+            raise IOError(f'{self._path}: dataset.json labels must be integers or vectors of numbers')
         return labels.astype({1: np.int64, 2: np.float32}[labels.ndim])

@@ -91,6 +91,12 @@ def training_loop(
         optimizer.load_state_dict(state['optimizer_state'])
         cur_nimg, cur_tick = state['cur_nimg'], state['cur_tick']
         say(f'Resuming from {resume_state} at {cur_nimg / 1e3:.3f} kimg')
+        if is_main: # the ticks after the state are replayed: their records go
+            train_utils.truncate_jsonl(os.path.join(run_dir, 'stats.jsonl'), lambda r: r.get('tick', 0) <= cur_tick)
+    if is_main:
+        train_utils.remove_stale_temp_files(run_dir)
+    last_snapshot = ([path for kimg, path in train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')
+        if kimg <= cur_nimg / 1e3] or [None])[-1]
 
     sampler = GlobalBatchSlices(dataset, seed=derive_seed(seed, 'data') % (1 << 32), start=cur_nimg,
         batch_size=batch_size, rank=rank, world=world, rounds=rounds)
@@ -138,6 +144,8 @@ def training_loop(
         cur_tick += 1
         now = time.time()
         summary = stats.update().as_dict()
+        train_utils.check_finite(cur_tick, cur_nimg / 1e3, {'loss': summary.get('Loss/loss', {}).get('mean', 0.0)},
+            dict(net=net, ema=ema), last_good=last_snapshot)
         tick_nimg = cur_nimg - tick_start_nimg
         record = dict(tick=cur_tick, kimg=cur_nimg / 1e3, time=now - start_time,
             sec_per_kimg=(now - tick_start_time) / max(tick_nimg / 1e3, 1e-8),
@@ -152,20 +160,21 @@ def training_loop(
         if is_main:
             training_stats.append_jsonl(os.path.join(run_dir, 'stats.jsonl'), record)
 
-        kimg = cur_nimg // 1000
+        tag = train_utils.snapshot_tag(cur_nimg, tick_start_nimg)
         if done or (snapshot_ticks is not None and cur_tick % snapshot_ticks == 0):
             frozen = copy.deepcopy(ema).eval().requires_grad_(False)
             misc.check_ddp_consistency(frozen) # a collective: every rank takes part
             if is_main:
                 data_out = dict(ema=frozen.cpu(), loss_fn=loss_fn, augment_pipe=None,
                     dataset_kwargs=dict(dataset_kwargs))
-                persistence.save_network_pkl(data_out, os.path.join(run_dir, f'network-snapshot-{kimg:06d}.pkl'))
+                persistence.save_network_pkl(data_out, os.path.join(run_dir, f'network-snapshot-{tag}.pkl'))
                 if grid_seeds:
-                    save_sample_grid(ema, os.path.join(run_dir, f'samples-{kimg:06d}.png'),
+                    save_sample_grid(ema, os.path.join(run_dir, f'samples-{tag}.png'),
                         num=grid_seeds, num_steps=grid_steps, device=device)
+            last_snapshot = os.path.join(run_dir, f'network-snapshot-{tag}.pkl')
         if done or (state_dump_ticks is not None and cur_tick % state_dump_ticks == 0):
             if is_main:
-                save_training_state(os.path.join(run_dir, f'training-state-{kimg:06d}.pt'),
+                train_utils.save_training_state(os.path.join(run_dir, f'training-state-{tag}.pt'),
                     dict(net=net.state_dict(), ema=ema.state_dict(),
                         optimizer_state=optimizer.state_dict(), cur_nimg=cur_nimg, cur_tick=cur_tick))
         distributed.barrier()
@@ -175,11 +184,6 @@ def training_loop(
     return dnnlib.EasyDict(net=net, ema=ema, loss_fn=loss_fn, cur_nimg=cur_nimg)
 
 #----------------------------------------------------------------------------
-
-def save_training_state(path, state):
-    tmp = f'{path}.tmp-{os.getpid()}'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 @torch.no_grad()
 def save_sample_grid(net, path, num=64, num_steps=18, device='cpu'):
