@@ -20,7 +20,7 @@ VECTOR_DEFAULTS = dict(lr=3e-3, glr=1e-3, batch=256, ema=5.0, fake_steps=4, mlp_
 def resolve_options(opts):
     """Fill defaults that depend on the teacher kind; returns an EasyDict of final options."""
     o = dnnlib.EasyDict(opts)
-    vector = o.teacher.startswith('gmm:')
+    vector = teachers.is_vector_teacher(o.teacher)
     fake_steps_given = o.get('fake_steps') is not None
     for key, value in DEFAULTS.items():
         if o.get(key) is None:

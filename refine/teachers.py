@@ -17,15 +17,25 @@ Gaussian-mixture presets (`GMM_PRESETS`, `make_gmm`, `load_teacher('gmm:NAME')`)
            Q diag(lambda) Q^T with lambda log-uniform in [0.25, 2.5] (condition number <= 10),
            weights uniform in [1, 2] normalised; numpy RandomState(0).
 Uniform weights except gauss64.
+
+A user's mixture: `load_teacher('gmm:FILE.json')` (`--teacher gmm:FILE.json`) with the JSON object
+  {"means": [[...], ...],                        K x d, any d >= 1
+   "covariances": [[[...]]]   or   "stds": ...,  K x d x d; or a scalar, [K] or [K, d] stds
+   "weights": [...]}                             K positive numbers, normalised (default uniform)
+("covs" and "std" are accepted spellings). `save_gmm_json` writes one; `read_gmm_json` checks
+one and says, in one line naming the file, what is wrong. A GMMTeacher is a persistent class,
+so a pickle holding one (a run's snapshot carries its teacher) loads back as the exact mixture,
+never as a network.
 """
 
+import json
 import math
 import os
 
 import numpy as np
 import torch
 
-from torch_utils import safe_pickle
+from torch_utils import persistence, safe_pickle
 
 #----------------------------------------------------------------------------
 
@@ -88,6 +98,7 @@ class EDMTeacher(Teacher):
 
 #----------------------------------------------------------------------------
 
+@persistence.persistent_class
 class GMMTeacher(Teacher):
     """Exact denoiser of p_0 = sum_k pi_k N(mu_k, Sigma_k).
 
@@ -142,6 +153,10 @@ class GMMTeacher(Teacher):
     @property
     def num_components(self):
         return self.means.shape[0]
+
+    def to_dict(self):
+        """{'means', 'covariances', 'weights'} as nested lists: what `save_gmm_json` writes."""
+        return dict(means=self.means.tolist(), covariances=self.covs.tolist(), weights=self.weights.tolist())
 
     @property
     def dim(self):
@@ -267,11 +282,132 @@ def make_gmm(name, **overrides):
     return GMMTeacher(**_BUILDERS[kind](**params))
 
 #----------------------------------------------------------------------------
+# User mixtures as JSON.
+
+_JSON_KEYS = dict(means='means', covariances='covariances', covs='covariances', stds='stds',
+    std='stds', weights='weights')
+
+def _numeric_array(value, what):
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f'{what} must be numbers in nested lists') from None
+    if array.dtype == object or not np.isfinite(array).all():
+        raise ValueError(f'{what} must be finite numbers in nested lists of equal lengths')
+    return array
+
+def gmm_from_dict(spec):
+    """A GMMTeacher from {'means', 'covariances' | 'stds', 'weights'} (see the module docstring);
+    ValueError with a one-line message for anything malformed."""
+    if not isinstance(spec, dict):
+        raise ValueError(f'expected a JSON object with means, covariances or stds, and weights; got a {type(spec).__name__}')
+    unknown = [k for k in spec if k not in _JSON_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (valid: means, covariances or stds, weights)")
+    fields = {}
+    for key, value in spec.items():
+        name = _JSON_KEYS[key]
+        if name in fields:
+            raise ValueError(f"'{name}' given twice (as '{key}' and another spelling)")
+        fields[name] = value
+    if 'means' not in fields:
+        raise ValueError("no 'means' ([K, d] list of component means)")
+    means = _numeric_array(fields['means'], 'means')
+    if means.ndim != 2 or means.shape[0] < 1 or means.shape[1] < 1:
+        raise ValueError(f'means must be a [K, d] list of lists (K components, d dimensions), got shape {list(means.shape)}')
+    K, d = means.shape
+    if ('covariances' in fields) == ('stds' in fields):
+        raise ValueError("give exactly one of 'covariances' ([K, d, d]) and 'stds' (a number, [K] or [K, d])")
+    covs = std = None
+    if 'covariances' in fields:
+        covs = _numeric_array(fields['covariances'], 'covariances')
+        if covs.shape != (K, d, d):
+            raise ValueError(f'covariances must be [K, d, d] = [{K}, {d}, {d}] for {K} means of dimension {d}, '
+                f'got shape {list(covs.shape)}')
+        for k in range(K):
+            c = covs[k]
+            scale = max(float(np.abs(c).max()), 1e-300)
+            if float(np.abs(c - c.T).max()) > 1e-8 * scale:
+                raise ValueError(f'covariance {k} is not symmetric')
+            smallest = float(np.linalg.eigvalsh(c).min())
+            if not smallest > 1e-12 * scale:
+                raise ValueError(f'covariance {k} is not positive definite (smallest eigenvalue {smallest:.3g})')
+    else:
+        std = _numeric_array(fields['stds'], 'stds')
+        if std.shape not in ((), (1,), (K,), (K, d)):
+            raise ValueError(f'stds must be a number, [K] = [{K}] or [K, d] = [{K}, {d}], got shape {list(std.shape)}')
+        if not (std > 0).all():
+            raise ValueError('stds must be positive')
+    weights = None
+    if 'weights' in fields:
+        weights = _numeric_array(fields['weights'], 'weights')
+        if weights.shape != (K,):
+            raise ValueError(f'weights must be a list of K = {K} numbers (one per mean), got shape {list(weights.shape)}')
+        if not (weights > 0).all():
+            raise ValueError('weights must be positive (they are normalised to sum to 1; drop a component '
+                'rather than give it weight 0)')
+    return GMMTeacher(means, covs=covs, weights=weights, std=std)
+
+def read_gmm_json(path):
+    """The GMMTeacher a JSON file describes; ValueError naming the file if anything is wrong."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"teacher 'gmm:{path}': no such file (a mixture JSON, or one of the presets "
+            f"{', '.join('gmm:' + n for n in GMM_PRESETS)})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"teacher 'gmm:{path}': cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"teacher 'gmm:{path}': not valid JSON ({e})") from None
+    try:
+        return gmm_from_dict(spec)
+    except ValueError as e:
+        raise ValueError(f"teacher 'gmm:{path}': {e}") from None
+
+def save_gmm_json(teacher, path):
+    """Write a GMMTeacher (or a dict accepted by `gmm_from_dict`) as a mixture JSON file."""
+    spec = teacher.to_dict() if isinstance(teacher, GMMTeacher) else dict(teacher)
+    with open(path, 'w', encoding='utf-8') as f:
+        json.dump(spec, f)
+
+def is_vector_teacher(spec):
+    """Whether a --teacher value (string or Teacher) gets the vector (MLP) defaults."""
+    if isinstance(spec, Teacher):
+        return len(spec.shape) == 1
+    return isinstance(spec, str) and spec.startswith('gmm:')
+
+def _as_gmm(value):
+    """A pickled Gaussian mixture teacher as our GMMTeacher, else None.
+
+    Loaded with allow_code=True its class is the pickle's own copy of GMMTeacher, so this goes
+    by name and buffers; it must never pass for a network (it has sigma_min and dim too).
+    """
+    if isinstance(value, GMMTeacher):
+        return value
+    if isinstance(value, torch.nn.Module) and type(value).__name__ == 'GMMTeacher' and \
+            all(hasattr(value, k) for k in ('means', 'covs', 'weights')):
+        return GMMTeacher(value.means.detach().cpu(), covs=value.covs.detach().cpu(),
+            weights=value.weights.detach().cpu())
+    return None
 
 def _is_denoiser(value):
     # EDM preconditioners and MLPDenoiser; generators (StyleGAN, one-step, MLP) lack sigma_min.
+    if _as_gmm(value) is not None or isinstance(value, Teacher):
+        return False
     return isinstance(value, torch.nn.Module) and hasattr(value, 'sigma_min') and \
         (hasattr(value, 'img_resolution') or hasattr(value, 'dim'))
+
+def _pick_gmm(data):
+    """The Gaussian mixture a pickle holds (itself, its 'ema' or 'teacher' entry), else None."""
+    if isinstance(data, dict):
+        for key in ('ema', 'teacher'):
+            if key in data and _as_gmm(data[key]) is not None:
+                return _as_gmm(data[key])
+        if 'ema' not in data:
+            return next((_as_gmm(v) for v in data.values() if _as_gmm(v) is not None), None)
+        return None
+    return _as_gmm(data)
 
 def _pick_network(data):
     """data['ema'], else the first denoiser network among the pickle's values."""
@@ -291,27 +427,50 @@ def _pick_network(data):
     return net
 
 def load_teacher(spec, allow_code=False, device='cpu'):
-    """A teacher from 'gmm:PRESET' or from a network pickle path/URL (EDM format).
+    """A teacher from 'gmm:PRESET', 'gmm:FILE.json' (a user's mixture, see the module
+    docstring), a Teacher object (returned as it is), or a network pickle path/URL (EDM format).
 
     Pickles load with `safe_pickle` (nothing from the file runs unless allow_code=True); the
-    network is `data['ema']`, or else the first denoiser network in the pickle.
+    network is `data['ema']`, or else the first denoiser network in the pickle. A pickle that
+    holds a GMMTeacher (itself, as 'ema', or as a snapshot's 'teacher') gives that mixture.
     """
     presets = ', '.join(f'gmm:{name}' for name in GMM_PRESETS)
     if isinstance(spec, Teacher):
         return spec.to(device)
+    if isinstance(spec, torch.nn.Module) and _as_gmm(spec) is not None:
+        return _as_gmm(spec).to(device)
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f'teacher must be a network pickle path/URL or one of {presets}, got {spec!r}')
+        raise ValueError(f'teacher must be a network pickle path/URL, gmm:FILE.json or one of {presets}, got {spec!r}')
     if spec.startswith('gmm:'):
         name = spec[len('gmm:'):]
-        if name not in GMM_PRESETS:
-            raise ValueError(f"unknown teacher '{spec}'; valid presets: {presets}")
-        return make_gmm(name).to(device)
+        if name in GMM_PRESETS:
+            return make_gmm(name).to(device)
+        if name.lower().endswith('.json') or os.path.isfile(name):
+            return read_gmm_json(name).to(device)
+        raise ValueError(f"unknown teacher '{spec}'; valid: gmm:FILE.json (a mixture file) or a preset: {presets}")
+    if spec.startswith('diffusers:'): # a diffusers UNet + scheduler (+ VAE): refine/teachers_diffusers.py
+        try:
+            from refine import teachers_diffusers # pylint: disable=import-outside-toplevel (optional dependency)
+            return teachers_diffusers.load_diffusers_teacher(spec[len('diffusers:'):], device=device)
+        except Exception as e: # pylint: disable=broad-except
+            raise ValueError(f"teacher '{spec}': {e}") from e
     if '://' not in spec and not os.path.isfile(spec):
-        raise ValueError(f"teacher '{spec}': no such file (give a network pickle path/URL or one of {presets})")
+        raise ValueError(f"teacher '{spec}': no such file (give a network pickle path/URL, gmm:FILE.json or one of {presets})")
+    if spec.lower().endswith('.json'):
+        raise ValueError(f"teacher '{spec}': a JSON file is read as a Gaussian mixture only as gmm:{spec}")
     try:
         data = safe_pickle.load_network_pkl(spec, allow_code=allow_code)
+        gmm = _pick_gmm(data)
+        if gmm is not None:
+            return gmm.to(device)
+        from refine import teachers_edm2 # pylint: disable=import-outside-toplevel (it imports this module)
+        if teachers_edm2.is_edm2_snapshot(data):
+            return teachers_edm2.EDM2Teacher.from_snapshot(data).to(device)
         return EDMTeacher(_pick_network(data)).to(device)
     except Exception as e: # broken, unsafe or unsuitable pickle: one line naming the file
         raise ValueError(f"teacher '{spec}': {e}") from e
+
+if __name__ == 'refine.teachers': # not in the copy a pickle's embedded source would run
+    safe_pickle.register_class(GMMTeacher)
 
 #----------------------------------------------------------------------------

@@ -1,6 +1,12 @@
 """Metrics for vector samples against a Gaussian-mixture teacher (methods brief, section 11).
 
-* `mmd_rbf`: multi-bandwidth RBF MMD^2, the biased V-statistic of VarDiU's evaluation.
+* `mmd_rbf`: multi-bandwidth RBF MMD^2, the biased V-statistic of VarDiU's evaluation. Its
+  "noise floor" (two exact sample sets) is mostly the bias, about 2 (1 - E k(x, x')) / n.
+* `mmd_rbf_unbiased`: the same MMD^2 as the unbiased U-statistic (diagonal terms left out):
+  zero in expectation for exact samples, so it can be negative; use this one to compare.
+* `component_masses`: the fraction of samples in each component's Bayes cell (the samples whose
+  most responsible component it is), its total-variation distance to the weights and the worst
+  relative error: whether mixture *weights* are recovered, whatever the shapes.
 * `mode_coverage`: which modes the samples reach and with what weights; log-likelihood alone
   is blind to a dropped mode.
 * `mean_log_likelihood`: mean log p_0(x) under the exact mixture.
@@ -36,10 +42,11 @@ def _kernel_sums(d2, bandwidths):
         prev = h
     return torch.stack(sums)
 
-def _kernel_mean(a, b, bandwidths, chunk):
+def _kernel_mean(a, b, bandwidths, chunk, diagonal=True):
     """mean over all pairs (a_i, b_j) and bandwidths of the RBF kernel, in row chunks of a.
 
-    b=None means b=a: only the upper triangle is computed, off-diagonal blocks count twice.
+    b=None means b=a: only the upper triangle is computed, off-diagonal blocks count twice;
+    with diagonal=False the pairs (a_i, a_i) are left out (the U-statistic's mean over i != j).
     """
     symmetric = b is None
     b = a if symmetric else b
@@ -53,6 +60,9 @@ def _kernel_mean(a, b, bandwidths, chunk):
                 total += 2 * _kernel_sums(_sq_dists(rows, b[start + w:]), bandwidths).sum()
         else:
             total += _kernel_sums(_sq_dists(rows, b), bandwidths).sum()
+    if symmetric and not diagonal:
+        n = a.shape[0] # k(a_i, a_i) = 1 for every bandwidth
+        return (total - n * len(bandwidths)) / (n * (n - 1) * len(bandwidths))
     return total / (a.shape[0] * b.shape[0] * len(bandwidths))
 
 @torch.no_grad()
@@ -66,6 +76,22 @@ def mmd_rbf(x, y, bandwidths=(0.25, 0.5, 1, 2, 4), max_n=10000, chunk=None):
         chunk = max(1, (1 << 22) // max(x.shape[0], y.shape[0]))
     bw = sorted((float(h) for h in bandwidths), reverse=True)
     value = _kernel_mean(x, None, bw, chunk) + _kernel_mean(y, None, bw, chunk) - 2 * _kernel_mean(x, y, bw, chunk)
+    return float(value)
+
+@torch.no_grad()
+def mmd_rbf_unbiased(x, y, bandwidths=(0.25, 0.5, 1, 2, 4), max_n=10000, chunk=None):
+    """Unbiased MMD^2 (U-statistic) with `mmd_rbf`'s kernel: the within-set means leave out
+    i = j, so two exact sample sets score 0 in expectation (and a value may be negative).
+    Needs at least 2 rows in each set."""
+    x = x.reshape(x.shape[0], -1)[:max_n].to(torch.float64)
+    y = y.reshape(y.shape[0], -1)[:max_n].to(device=x.device, dtype=torch.float64)
+    if x.shape[0] < 2 or y.shape[0] < 2:
+        raise ValueError(f'the unbiased MMD needs at least 2 samples in each set, got {x.shape[0]} and {y.shape[0]}')
+    if chunk is None:
+        chunk = max(1, (1 << 22) // max(x.shape[0], y.shape[0]))
+    bw = sorted((float(h) for h in bandwidths), reverse=True)
+    value = _kernel_mean(x, None, bw, chunk, diagonal=False) + _kernel_mean(y, None, bw, chunk, diagonal=False) \
+        - 2 * _kernel_mean(x, y, bw, chunk)
     return float(value)
 
 #----------------------------------------------------------------------------
@@ -109,11 +135,32 @@ def mode_coverage(x, teacher, threshold_std=3.0, min_fraction=0.1):
         weight_error=weight_error, quality=quality)
 
 @torch.no_grad()
+def component_masses(x, teacher, chunk=65536):
+    """Mass the samples x [N, d] give each component of a GMMTeacher, by Bayes cell.
+
+    Every sample goes to its most responsible component under p_0 (argmax of log pi_k +
+    log N(x; mu_k, Sigma_k)); nothing is discarded, so the masses sum to 1 and compare with
+    the weights directly, whatever the spread of each component.
+
+    Returns dict(masses [K] list, weights [K] list, tv, max_rel_error, worst): tv = 1/2 sum
+    |masses - weights|; max_rel_error = max_k |mass_k / pi_k - 1|, reached at component `worst`.
+    """
+    x = x.reshape(x.shape[0], -1)
+    K = teacher.num_components
+    counts = torch.zeros(K, dtype=torch.float64)
+    for start in range(0, x.shape[0], chunk):
+        best = teacher.log_joint(x[start:start + chunk]).argmax(dim=1).cpu()
+        counts += torch.bincount(best, minlength=K).to(torch.float64)
+    masses = counts / max(x.shape[0], 1)
+    pi = teacher.weights.detach().cpu().to(torch.float64)
+    rel = (masses / pi - 1).abs()
+    return dict(masses=masses.tolist(), weights=pi.tolist(), tv=0.5 * float((masses - pi).abs().sum()),
+        max_rel_error=float(rel.max()), worst=int(rel.argmax()))
+
+@torch.no_grad()
 def mean_log_likelihood(x, teacher):
     """Mean of log p_0(x) under the teacher's mixture (higher is better; blind to dropped modes)."""
     return float(teacher.log_prob(x.reshape(x.shape[0], -1).to(torch.float64)).mean())
-
-#----------------------------------------------------------------------------
 
 #----------------------------------------------------------------------------
 
