@@ -15,6 +15,7 @@ so a seed gives the same output whatever batch or process it lands in.
 import torch
 
 import dnnlib
+from refine import teachers_edm2
 from refine.sampling import StackedRandomGenerator, edm_sampler
 from torch_utils import safe_pickle
 from training import networks_generators
@@ -161,7 +162,7 @@ def load_for_generation(path, allow_code=False, sigma_init=None, device='cpu', s
             G = _wrap_stylegan(G, data, generator_kwargs, path)
         G = G.eval().requires_grad_(False).to(device)
         z_shape, label_dim = _generator_z_shape(G, path), _generator_label_dim(G)
-        sample = _one_step_generator_sampler(G, device, z_shape, label_dim)
+        sample = teachers_edm2.decoded_sampler(_one_step_generator_sampler(G, device, z_shape, label_dim), data, device)
         return sample, dnnlib.EasyDict(kind='generator', label_dim=label_dim,
             is_vector=bool(getattr(G, 'is_vector', False)), nfe=1, network=G)
 
@@ -173,6 +174,8 @@ def load_for_generation(path, allow_code=False, sigma_init=None, device='cpu', s
         raise GenerationError(f"{path} has neither 'G_ema' (a generator snapshot) nor 'ema' "
             f'(an EDM network); it has: {keys}', param='network')
     net = _module(data, 'ema', path)
+    if teachers_edm2.is_edm2_network(net): # EDM2 snapshot: EDM's sampler, latents decoded
+        net = teachers_edm2.EDM2SamplingNet(net)
     if not _is_edm_denoiser(net):
         raise GenerationError(f"{path}: 'ema' is a {type(net).__name__}, not an EDM "
             'preconditioner (EDMPrecond, VPPrecond, VEPrecond or iDDPMPrecond)', param='network')
@@ -180,7 +183,7 @@ def load_for_generation(path, allow_code=False, sigma_init=None, device='cpu', s
     meta = dnnlib.EasyDict(label_dim=int(net.label_dim), is_vector=False, network=net)
     if sigma_init is not None:
         meta.update(kind='one-step-edm', nfe=1)
-        return _one_step_edm_sampler(net, device, float(sigma_init)), meta
+        return teachers_edm2.decoded_sampler(_one_step_edm_sampler(net, device, float(sigma_init)), data, device), meta
     sampler_kwargs = dict(sampler_kwargs or {})
     meta.update(kind='edm-teacher', nfe=2 * sampler_kwargs.get('num_steps', 18) - 1)
-    return _teacher_sampler(net, device, sampler_kwargs), meta
+    return teachers_edm2.decoded_sampler(_teacher_sampler(net, device, sampler_kwargs), data, device), meta

@@ -23,7 +23,15 @@ STYLEGAN_COMPANIONS = ('D', 'augment_pipe', 'training_set_kwargs')
 
 def build_generator(spec, teacher, sigma_init=None, allow_code=False, mlp_kwargs=None, stylegan_kwargs=None):
     """Return `(G, companions)`: the generator and, for a StyleGAN pickle, the items of that
-    pickle the refined snapshot must carry on (D, augment_pipe, training_set_kwargs)."""
+    pickle the refined snapshot must carry on (D, augment_pipe, training_set_kwargs); for a
+    latent teacher (EDM2 img512, a diffusers pipeline with a VAE) also its `encoder`, which
+    decodes the generator's latents to images (generate.py, fid.py)."""
+    G, companions = _build_generator(spec, teacher, sigma_init, allow_code, mlp_kwargs, stylegan_kwargs)
+    if getattr(teacher, 'encoder', None) is not None:
+        companions = dict(companions, encoder=teacher.encoder)
+    return G, companions
+
+def _build_generator(spec, teacher, sigma_init, allow_code, mlp_kwargs, stylegan_kwargs):
     if spec == 'teacher':
         if not hasattr(teacher, 'net'):
             raise SetupError("--gen teacher needs a network teacher; for a Gaussian-mixture teacher use --gen mlp")

@@ -231,7 +231,7 @@ def refinement_loop(
         snapshot_path = os.path.join(run_dir, f'network-snapshot-{tag}.pkl')
         if snapshot_due and is_main:
             save_snapshot(snapshot_path, G_ema=G_ema, G=G, fake=fake, extra=dict(snapshot_extra, kimg=cur_nimg / 1e3))
-            save_sample_png(G_ema, grid_z, grid_c, os.path.join(run_dir, f'samples-{tag}.png'))
+            save_sample_png(G_ema, grid_z, grid_c, os.path.join(run_dir, f'samples-{tag}.png'), decoder=snapshot_extra.get('encoder'))
         if snapshot_due:
             last_snapshot = snapshot_path
         if snapshot_due and on_snapshot is not None:
@@ -264,10 +264,12 @@ def save_snapshot(path, G_ema, G, fake, extra):
     data.update(extra)
     persistence.save_network_pkl(data, path)
 
-def save_sample_png(G, z, c, path):
+def save_sample_png(G, z, c, path, decoder=None):
+    """A grid of G's samples; `decoder` (a latent teacher's encoder) turns latents into images."""
     from refine import sampling # pylint: disable=import-outside-toplevel
     with torch.no_grad():
-        x = G(z, c).cpu()
+        x = G(z, c)
+        x = (decoder.decode(x) if decoder is not None else x).cpu()
     if getattr(G, 'is_vector', False):
         sampling.save_scatter_png(x[:, :2].numpy(), path)
     else:

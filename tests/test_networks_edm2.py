@@ -283,3 +283,91 @@ def test_failed_embedded_module_is_one_line_and_does_not_poison_the_cache():
     good = 'from torch_utils import persistence\n@persistence.persistent_class\nclass Thing:\n    pass\n'
     loaded = safe_pickle.load(io.BytesIO(pickle.dumps(dict(x=_Embedded(good, 'Thing')))), allow_code=True)
     assert type(loaded['x']).__name__ == 'Thing'
+
+#----------------------------------------------------------------------------
+# EDM2 snapshots as teachers: --teacher, --gen teacher, generate.py, fid.py.
+
+def write_snapshot(path, net, encoder):
+    with open(path, 'wb') as f:
+        pickle.dump(nvlabs_snapshot(net, encoder), f)
+    return str(path)
+
+def test_edm2_teacher_from_a_snapshot(tmp_path):
+    from refine import teachers, teachers_edm2 # pylint: disable=import-outside-toplevel
+    torch.manual_seed(0)
+    net = networks_edm2.Precond(**TINY_KWARGS, sigma_data=0.6)
+    path = write_snapshot(tmp_path / 'edm2.pkl', net, encoders_edm2.StandardRGBEncoder())
+    ref = randomized(net).to(torch.float16).float()
+    x, sigma, labels = torch.randn(2, 3, 8, 8), torch.tensor([0.2, 3.0]), torch.eye(4)[[1, 3]]
+    for allow_code in (False, True):
+        teacher = teachers.load_teacher(path, allow_code=allow_code)
+        assert isinstance(teacher, teachers_edm2.EDM2Teacher) and teacher.encoder is None # pixels
+        assert teacher.sigma_data == 0.6 and teacher.shape == (3, 8, 8) and teacher.label_dim == 4
+        assert (teacher.sigma_min, teacher.sigma_max) == (0.002 * 1.2, 80.0 * 1.2)
+        assert torch.equal(teacher(x, sigma, labels), ref(x, sigma, labels))
+        assert torch.equal(teacher.logvar(sigma), ref(x, sigma, labels, return_logvar=True)[1])
+
+def test_refine_through_a_pixel_edm2_teacher_and_generate_from_the_snapshot(tmp_path):
+    from tests.refine_checks import refine_snapshot_resume_generate # pylint: disable=import-outside-toplevel
+    torch.manual_seed(0)
+    net = networks_edm2.Precond(**dict(TINY_KWARGS, label_dim=0))
+    path = write_snapshot(tmp_path / 'edm2.pkl', net, encoders_edm2.StandardRGBEncoder())
+    _, data, _ = refine_snapshot_resume_generate(path, tmp_path, 8, networks_edm2.Precond)
+    assert 'encoder' not in data
+    # generate.py samples the EDM2 snapshot itself with EDM's Heun sampler.
+    from refine import generation # pylint: disable=import-outside-toplevel
+    sample, meta = generation.load_for_generation(path, sampler_kwargs=dict(num_steps=4))
+    assert meta.kind == 'edm-teacher' and sample([0, 1]).shape == (2, 3, 8, 8)
+
+def tiny_vae(folder):
+    diffusers = pytest.importorskip('diffusers')
+    torch.manual_seed(7)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+        down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2,
+        layers_per_block=1, norm_num_groups=4, sample_size=8).eval()
+    vae.save_pretrained(folder)
+    return vae
+
+def test_latent_edm2_teacher_end_to_end(tmp_path):
+    """A tiny latent EDM2 model with a (random) SD-style VAE: the generator works on 4x4x4
+    latents, snapshots carry the encoder, generate.py writes decoded 8x8 PNGs, fid.py reads them."""
+    from click.testing import CliRunner # pylint: disable=import-outside-toplevel
+    import fid # pylint: disable=import-outside-toplevel
+    import PIL.Image # pylint: disable=import-outside-toplevel
+    from refine import teachers # pylint: disable=import-outside-toplevel
+    from refine.sampling import StackedRandomGenerator # pylint: disable=import-outside-toplevel
+    from tests.refine_checks import refine_snapshot_resume_generate # pylint: disable=import-outside-toplevel
+    vae = tiny_vae(tmp_path / 'vae')
+    torch.manual_seed(0)
+    net = networks_edm2.Precond(**dict(TINY_KWARGS, img_resolution=4, img_channels=4, attn_resolutions=[2], label_dim=0))
+    encoder = encoders_edm2.StabilityVAEEncoder(vae_name=str(tmp_path / 'vae'))
+    path = write_snapshot(tmp_path / 'edm2-latent.pkl', net, encoder)
+
+    teacher = teachers.load_teacher(path)
+    assert teacher.shape == (4, 4, 4) and teacher.encoder.vae_name == str(tmp_path / 'vae')
+    # EDM2's decoding: undo the per-channel scaling, VAE decode, [0, 1] -> uint8 by truncation.
+    z = torch.randn(2, 4, 4, 4)
+    raw = (z - torch.as_tensor(encoder.bias).reshape(1, 4, 1, 1)) / torch.as_tensor(encoder.scale).reshape(1, 4, 1, 1)
+    with torch.no_grad():
+        expected = (vae.decode(raw).sample.clamp(0, 1) * 255).to(torch.uint8)
+    assert torch.equal(teacher.encoder.decode(z), expected)
+
+    snap, data, out = refine_snapshot_resume_generate(path, tmp_path, 8, networks_edm2.Precond)
+    assert isinstance(data['encoder'], encoders_edm2.StabilityVAEEncoder)
+    assert data['G_ema'].z_shape == (4, 4, 4) # the generator works in latent space
+    # The PNG of seed 0 is the decoded latent of seed 0.
+    with torch.no_grad():
+        latent = data['G_ema'](StackedRandomGenerator('cpu', [0]).randn([1, 4, 4, 4]))
+        pixels = data['encoder'].decode(latent)[0].permute(1, 2, 0).numpy()
+    assert (np.asarray(PIL.Image.open(out / '000000.png')) == pixels).all()
+
+    ref = tmp_path / 'ref'
+    ref.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        PIL.Image.fromarray((torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()).save(ref / f'{i}.png')
+    for source in (['--images', str(out)], ['--network', snap, '--seeds', '0-3']):
+        result = CliRunner().invoke(fid.main, ['calc', *source, '--ref', str(ref), '--detector', 'fast',
+            '--num', '4'], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert float(result.stdout.strip().splitlines()[-1]) > 0
