@@ -153,10 +153,43 @@ def save_side_by_side(image_sets, path, grid_w=None, gap=8):
         parts.append(np.pad(grid, [(0, height - grid.shape[0]), (0, 0), (0, 0)]))
     _save_png_atomically(np.concatenate(parts, axis=1), path)
 
-def save_scatter_png(points, path, size=512, margin=48, num_ticks=5):
+def _nice_ticks(lo, hi, target=5):
+    """Round tick values (1, 2 or 5 times a power of ten apart) inside [lo, hi]."""
+    raw = (hi - lo) / max(target - 1, 1)
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw / 1.5)
+    first = math.ceil(lo / step - 1e-9)
+    ticks = [k * step for k in range(first, int(math.floor(hi / step + 1e-9)) + 1)]
+    decimals = max(0, -int(math.floor(math.log10(step) + 1e-9)))
+    return [(t, f'{0.0 if abs(t) < step * 1e-6 else t:.{decimals}f}') for t in ticks]
+
+def _component_ellipses(components, n_std=2.0, points=96):
+    """Outlines [K, points, 2] of the n_std ellipses of a mixture's components in its first two
+    coordinates (marginal means and covariances): `components` is a GMMTeacher or (means, covs)."""
+    if hasattr(components, 'means'):
+        means, covs = components.means, components.covs
+    else:
+        means, covs = components
+    means = np.asarray(torch.as_tensor(means).detach().cpu().to(torch.float64)).reshape(len(means), -1)
+    covs = np.asarray(torch.as_tensor(covs).detach().cpu().to(torch.float64)).reshape(len(means), means.shape[1], -1)
+    d = min(means.shape[1], 2)
+    mu, cov = np.zeros([len(means), 2]), np.zeros([len(means), 2, 2])
+    mu[:, :d], cov[:, :d, :d] = means[:, :d], covs[:, :d, :d]
+    angle = np.linspace(0, 2 * np.pi, points)
+    circle = np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    outlines = []
+    for m, c in zip(mu, cov):
+        lam, vec = np.linalg.eigh(c)
+        outlines.append(m + n_std * (circle * np.sqrt(np.clip(lam, 0, None))) @ vec.T)
+    return np.stack(outlines)
+
+def save_scatter_png(points, path, size=512, margin=48, num_ticks=5, components=None, title=None):
     """Scatter plot of points [N, >=1] (first two coordinates) as a size x size PNG.
 
-    Both axes share one scale (a circle stays a circle), chosen to fit every finite point.
+    Both axes share one scale (a circle stays a circle), chosen to fit every finite point and
+    the components' ellipses. `components` (a GMMTeacher, or (means [K, d], covs [K, d, d]))
+    draws each mixture component's 2-std ellipse (marginal of the first two coordinates) in
+    orange under the samples; ticks sit at round values; `title` is written at the top.
     Drawn with PIL alone, to spare a plotting dependency.
     """
     pts = np.asarray(torch.as_tensor(points).detach().cpu().to(torch.float64))
@@ -164,11 +197,13 @@ def save_scatter_png(points, path, size=512, margin=48, num_ticks=5):
     xy = np.zeros([len(pts), 2])
     xy[:, :min(pts.shape[1], 2)] = pts[:, :2]
     xy = xy[np.isfinite(xy).all(axis=1)]
+    outlines = _component_ellipses(components) if components is not None else np.zeros([0, 1, 2])
+    extent = np.concatenate([xy, outlines.reshape(-1, 2)])
 
-    # One square data window around the points, 5% padding, never of zero size.
-    if len(xy):
-        center = (xy.min(0) + xy.max(0)) / 2
-        half = float((xy.max(0) - xy.min(0)).max()) / 2 * 1.05
+    # One square data window around the points and ellipses, 5% padding, never of zero size.
+    if len(extent):
+        center = (extent.min(0) + extent.max(0)) / 2
+        half = float((extent.max(0) - extent.min(0)).max()) / 2 * 1.05
     else:
         center, half = np.zeros(2), 1.0
     half = half if half > 0 else 1.0
@@ -179,7 +214,11 @@ def save_scatter_png(points, path, size=512, margin=48, num_ticks=5):
         p = (v - lo[axis]) / span * (inner - 1)
         return margin + p if axis == 0 else size - 1 - margin - p
 
-    canvas = np.full([size, size, 3], 255, dtype=np.uint8)
+    image = PIL.Image.new('RGB', (size, size), (255, 255, 255))
+    draw = PIL.ImageDraw.Draw(image)
+    for outline in outlines: # under the samples
+        draw.line([(float(to_px(u, 0)), float(to_px(v, 1))) for u, v in outline], fill=(255, 127, 14), width=2)
+    canvas = np.array(image)
     px = np.round(to_px(xy[:, 0], 0)).astype(np.int64)
     py = np.round(to_px(xy[:, 1], 1)).astype(np.int64)
     for dx in (0, 1): # 2x2 dots
@@ -189,14 +228,17 @@ def save_scatter_png(points, path, size=512, margin=48, num_ticks=5):
     image = PIL.Image.fromarray(canvas)
     draw = PIL.ImageDraw.Draw(image)
     draw.rectangle([margin - 2, margin - 2, size - margin + 1, size - margin + 1], outline=(0, 0, 0))
-    for k in range(num_ticks):
-        value_x = lo[0] + span * k / (num_ticks - 1)
-        value_y = lo[1] + span * k / (num_ticks - 1)
-        x, y = to_px(value_x, 0), to_px(value_y, 1)
-        draw.line([x, size - margin + 1, x, size - margin + 6], fill=(0, 0, 0))
-        draw.text((x - 12, size - margin + 8), f'{value_x:.3g}', fill=(0, 0, 0))
-        draw.line([margin - 7, y, margin - 2, y], fill=(0, 0, 0))
-        draw.text((2, y - 5), f'{value_y:.3g}', fill=(0, 0, 0))
+    for axis in (0, 1):
+        for value, label in _nice_ticks(lo[axis], lo[axis] + span, num_ticks):
+            p = to_px(value, axis)
+            if axis == 0:
+                draw.line([p, size - margin + 1, p, size - margin + 6], fill=(0, 0, 0))
+                draw.text((p - 3 * len(label), size - margin + 8), label, fill=(0, 0, 0))
+            else:
+                draw.line([margin - 7, p, margin - 2, p], fill=(0, 0, 0))
+                draw.text((max(2, margin - 9 - 6 * len(label)), p - 5), label, fill=(0, 0, 0))
+    if title:
+        draw.text((margin, 8), title, fill=(0, 0, 0))
     _save_png_atomically(np.asarray(image), path)
 
 CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),

@@ -291,7 +291,7 @@ def _numeric_array(value, what):
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f'{what} must be numbers in nested lists') from None
+        raise ValueError(f'{what} must be numbers in nested lists of equal lengths') from None
     if array.dtype == object or not np.isfinite(array).all():
         raise ValueError(f'{what} must be finite numbers in nested lists of equal lengths')
     return array
@@ -453,7 +453,7 @@ def load_teacher(spec, allow_code=False, device='cpu'):
             from refine import teachers_diffusers # pylint: disable=import-outside-toplevel (optional dependency)
             return teachers_diffusers.load_diffusers_teacher(spec[len('diffusers:'):], device=device)
         except Exception as e: # pylint: disable=broad-except
-            raise ValueError(f"teacher '{spec}': {e}") from e
+            raise ValueError(f"teacher '{spec}': {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
     if '://' not in spec and not os.path.isfile(spec):
         raise ValueError(f"teacher '{spec}': no such file (give a network pickle path/URL, gmm:FILE.json or one of {presets})")
     if spec.lower().endswith('.json'):

@@ -179,3 +179,39 @@ def evaluate_generator(G, teacher, n=10000, seed=0):
     return dict(mmd=mmd_rbf(x, y), mmd_floor=mmd_rbf(y2, y), covered=coverage['covered'],
         modes=coverage['total'], on_mode=coverage['quality'], weight_error=coverage['weight_error'],
         loglik=mean_log_likelihood(x, teacher), loglik_true=mean_log_likelihood(y, teacher), samples=x)
+
+#----------------------------------------------------------------------------
+
+class TickLogger:
+    """`on_tick` callback for runs on a GMMTeacher: at every tick, the EMA generator's unbiased
+    MMD^2, mode coverage, Bayes-cell weight error (TV) and worst component on `n` samples,
+    logged in one line and appended to RUN_DIR/gmm-metrics.jsonl (fixed latents and reference
+    samples, so ticks compare). `records` keeps them; `seconds` is the time spent here."""
+    def __init__(self, teacher, n=2000, seed=0, log=print, filename='gmm-metrics.jsonl'):
+        self.teacher, self.n, self.seed, self.log, self.filename = teacher, int(n), seed, log, filename
+        self.reference = teacher.sample(self.n, generator=torch.Generator().manual_seed(seed + 1))
+        self.records, self.seconds = [], 0.0
+
+    @torch.no_grad()
+    def __call__(self, info):
+        import json, os, time # pylint: disable=import-outside-toplevel,multiple-imports
+        start = time.time()
+        G = info.G_ema
+        z = torch.randn([self.n, *G.z_shape], generator=torch.Generator().manual_seed(self.seed))
+        x = G(z.to(next(G.parameters()).device)).cpu().to(torch.float32)
+        masses = component_masses(x, self.teacher)
+        coverage = mode_coverage(x, self.teacher)
+        record = dict(kimg=info.cur_nimg / 1e3, mmd2_unbiased=mmd_rbf_unbiased(x, self.reference),
+            covered=coverage['covered'], modes=coverage['total'], on_mode=coverage['quality'],
+            weight_tv=masses['tv'], max_rel_error=masses['max_rel_error'], worst=masses['worst'])
+        self.records.append(record)
+        if self.log is not None:
+            self.log(f"gmm kimg {record['kimg']:<8.1f} mmd2_unbiased {record['mmd2_unbiased']:<10.4g} "
+                f"modes {record['covered']}/{record['modes']} on-mode {record['on_mode']:.2f} "
+                f"weight TV {record['weight_tv']:.3f} worst mass error {record['max_rel_error']:.0%} (component {record['worst']})")
+        run_dir = getattr(info, 'run_dir', None)
+        if run_dir:
+            with open(os.path.join(run_dir, self.filename), 'a', encoding='utf-8') as f:
+                f.write(json.dumps(record) + '\n')
+        self.seconds += time.time() - start
+
