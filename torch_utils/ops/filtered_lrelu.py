@@ -30,10 +30,10 @@ def filtered_lrelu(x, fu=None, fd=None, b=None, up=1, down=1, padding=0, gain=np
     x0, x1, y0, y1 = _parse_padding(padding)
     out_size = _output_size(x, fu, fd, up, down, (x0, x1, y0, y1))
 
-    x = bias_act(x, b)
-    x = upfirdn2d(x, fu, up=up, padding=[x0, x1, y0, y1], gain=up ** 2, flip_filter=flip_filter)
-    x = bias_act(x, act='lrelu', alpha=slope, gain=gain, clamp=clamp)
-    x = upfirdn2d(x, fd, down=down, flip_filter=flip_filter)
+    x = bias_act(x, b, impl=impl)
+    x = upfirdn2d(x, fu, up=up, padding=[x0, x1, y0, y1], gain=up ** 2, flip_filter=flip_filter, impl=impl)
+    x = bias_act(x, act='lrelu', alpha=slope, gain=gain, clamp=clamp, impl=impl)
+    x = upfirdn2d(x, fd, down=down, flip_filter=flip_filter, impl=impl)
     assert tuple(x.shape[2:]) == out_size
     return x
 

@@ -3,13 +3,19 @@
 Per channel of an NCHW tensor: insert `up-1` zeros after every pixel, pad (negative
 padding crops), convolve with the filter (true convolution unless `flip_filter`), and
 keep every `down`-th pixel. A 1-D filter is separable: it runs along W, then along H.
-Only a pure-PyTorch path exists; `impl` is accepted for API compatibility.
+
+`impl='cuda'` (the default) runs the compiled polyphase plugin (upfirdn2d.cpp on the CPU,
+upfirdn2d_cuda.cu on CUDA) when it builds, else the pure-PyTorch reference `_upfirdn2d_ref`;
+`impl='ref'` always runs the reference. The gradient is the transposed op, itself an
+upfirdn2d, so the plugin path is differentiable to any order.
 """
 
 import operator
 
 import torch
 import torch.nn.functional as F
+
+from . import _plugins
 
 # ----------------------------------------------------------------------------
 # Argument parsing.
@@ -75,6 +81,10 @@ def setup_filter(f, device=torch.device('cpu'), normalize=True, flip_filter=Fals
 # The operation.
 
 
+def _plugin():
+    return _plugins.load('upfirdn2d_plugin', 'upfirdn2d.cpp', 'upfirdn2d_cuda.cu', ['upfirdn2d_cuda.h'])
+
+
 def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1, impl='cuda'):
     """Upsample by zero insertion, pad, FIR-filter and downsample each channel of `x`.
 
@@ -85,7 +95,81 @@ def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1, impl='cu
     """
     assert isinstance(x, torch.Tensor)
     assert impl in ('ref', 'cuda')
+    if impl == 'cuda' and x.device.type in ('cpu', 'cuda') and x.is_floating_point() and x.ndim == 4 and x.numel():
+        plugin = _plugin()
+        if plugin is not None and (x.device.type == 'cpu' or hasattr(plugin, 'upfirdn2d_cuda')):
+            return _upfirdn2d_plugin(plugin, x, f, up, down, padding, flip_filter, gain)
     return _upfirdn2d_ref(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
+
+# ----------------------------------------------------------------------------
+# The plugin path.
+
+
+class _Params:
+    def __init__(self, plugin, upx, upy, downx, downy, pads, flip, gain):
+        self.plugin, self.upx, self.upy, self.downx, self.downy = plugin, upx, upy, downx, downy
+        self.pads, self.flip, self.gain = pads, flip, gain
+
+    def transposed(self, in_hw, out_hw, fw, fh):
+        """The op whose output is the gradient of this one's input (1-D, per axis: the taps
+        swap sides, so p0' = k - 1 - p0, and p1' is what makes the length come out right)."""
+        (h, w), (oh, ow) = in_hw, out_hw
+        x0, _, y0, _ = self.pads
+        pads = (fw - 1 - x0, w * self.upx - ow * self.downx + x0 - self.upx + 1,
+                fh - 1 - y0, h * self.upy - oh * self.downy + y0 - self.upy + 1)
+        return _Params(self.plugin, self.downx, self.downy, self.upx, self.upy, pads, not self.flip, self.gain)
+
+
+def _upfirdn2d_plugin(plugin, x, f, up, down, padding, flip_filter, gain):
+    if f is None:
+        f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
+    assert isinstance(f, torch.Tensor) and f.ndim in (1, 2) and f.dtype == torch.float32
+    assert not f.requires_grad
+    upx, upy = _parse_scaling(up)
+    downx, downy = _parse_scaling(down)
+    q = _Params(plugin, upx, upy, downx, downy, _parse_padding(padding), bool(flip_filter), float(gain))
+    if x.device.type == 'cpu' and x.dtype not in (torch.float32, torch.float64):
+        return _Upfirdn2d.apply(x.float(), f, q).to(x.dtype)  # The CPU kernel computes in float32.
+    return _Upfirdn2d.apply(x, f, q)
+
+
+def _upfirdn2d_call(x, f, q):
+    n, c, h, w = x.shape
+    fw, fh = _get_filter_size(f)
+    x0, x1, y0, y1 = q.pads
+    assert h * q.upy + y0 + y1 >= fh and w * q.upx + x0 + x1 >= fw, 'padded image is smaller than the filter'
+    oh = (h * q.upy + y0 + y1 - fh) // q.downy + 1
+    ow = (w * q.upx + x0 + x1 - fw) // q.downx + 1
+    x = x.contiguous()
+    f = f.to(x.device).contiguous()
+    y = torch.empty([n, c, oh, ow], dtype=x.dtype, device=x.device)
+    args = (y.data_ptr(), x.data_ptr(), f.data_ptr(), _plugins.dtype_code(x.dtype), n * c, h, w, fh, fw,
+            int(f.ndim == 1), q.upx, q.upy, q.downx, q.downy, x0, x1, y0, y1, oh, ow, int(q.flip), q.gain)
+    if x.device.type == 'cpu':
+        q.plugin.upfirdn2d_cpu(*args)
+    else:
+        q.plugin.upfirdn2d_cuda(*args, _plugins.stream_of(x))
+    return y
+
+
+class _Upfirdn2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, f, q):  # pylint: disable=arguments-differ
+        y = _upfirdn2d_call(x, f, q)
+        ctx.save_for_backward(f)
+        ctx.q, ctx.in_hw, ctx.out_hw = q, tuple(x.shape[2:]), tuple(y.shape[2:])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # pylint: disable=arguments-differ
+        (f,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        fw, fh = _get_filter_size(f)
+        return _Upfirdn2d.apply(dy, f, ctx.q.transposed(ctx.in_hw, ctx.out_hw, fw, fh)), None, None
+
+# ----------------------------------------------------------------------------
+# The reference path.
 
 
 def _zero_insert(x, upx, upy):
@@ -104,7 +188,7 @@ def _upfirdn2d_ref(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1):
         f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
     assert isinstance(f, torch.Tensor) and f.ndim in (1, 2) and f.dtype == torch.float32
     assert not f.requires_grad
-    n, c = x.shape[:2]
+    c = x.shape[1]
     upx, upy = _parse_scaling(up)
     downx, downy = _parse_scaling(down)
     pads = _parse_padding(padding)
@@ -120,14 +204,12 @@ def _upfirdn2d_ref(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1):
     if not flip_filter:
         f = f.flip(list(range(f.ndim)))
 
-    # Filter all channels as one batch of single-channel images; decimate via the stride.
-    x = x.reshape(n * c, 1, x.shape[2], x.shape[3])
+    # One grouped (depthwise) convolution per pass, decimating through the stride: several
+    # times faster than filtering n*c single-channel images.
     if f.ndim == 2:
-        x = F.conv2d(x, f[None, None], stride=[downy, downx])
-    else:
-        x = F.conv2d(x, f[None, None, None, :], stride=[1, downx])
-        x = F.conv2d(x, f[None, None, :, None], stride=[downy, 1])
-    return x.reshape(n, c, x.shape[2], x.shape[3])
+        return F.conv2d(x, f[None, None].expand(c, 1, fh, fw).contiguous(), stride=[downy, downx], groups=c)
+    x = F.conv2d(x, f[None, None, None, :].expand(c, 1, 1, fw).contiguous(), stride=[1, downx], groups=c)
+    return F.conv2d(x, f[None, None, :, None].expand(c, 1, fh, 1).contiguous(), stride=[downy, 1], groups=c)
 
 # ----------------------------------------------------------------------------
 # Wrappers that pick the padding for the common cases.

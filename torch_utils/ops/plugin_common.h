@@ -1,0 +1,51 @@
+// Shared by the compiled ops. The modules use the plain CPython API and take raw data
+// pointers, sizes and scalars from their Python wrappers (which own dtype, layout and
+// autograd): this keeps each build to a few seconds instead of the minutes that
+// <torch/extension.h> takes to compile.
+#pragma once
+#include <Python.h>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace plugin {
+
+enum DType { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// Floor division and modulo for a positive divisor (C++ truncates towards zero).
+inline int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline int64_t floormod(int64_t a, int64_t b) { return a - floordiv(a, b) * b; }
+
+template <typename P>
+inline P* ptr(unsigned long long address) { return reinterpret_cast<P*>(static_cast<uintptr_t>(address)); }
+
+}  // namespace plugin
+
+#define PLUGIN_CONCAT_(a, b) a##b
+#define PLUGIN_CONCAT(a, b) PLUGIN_CONCAT_(a, b)
+#define PLUGIN_STR_(a) #a
+#define PLUGIN_STR(a) PLUGIN_STR_(a)
+
+// Module boilerplate: `methods` is a PyMethodDef array ending in {nullptr}.
+#define PLUGIN_MODULE(methods)                                                              \
+  static struct PyModuleDef plugin_module_def = {PyModuleDef_HEAD_INIT,                     \
+                                                 PLUGIN_STR(TORCH_EXTENSION_NAME), nullptr, \
+                                                 -1, methods};                              \
+  PyMODINIT_FUNC PLUGIN_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {                       \
+    return PyModule_Create(&plugin_module_def);                                             \
+  }
+
+// Run `body` with the GIL released, turning C++ exceptions into Python RuntimeErrors.
+#define PLUGIN_CALL(body)                                                  \
+  do {                                                                     \
+    std::string plugin_error;                                              \
+    Py_BEGIN_ALLOW_THREADS try { body; } catch (const std::exception& e) { \
+      plugin_error = e.what();                                             \
+      if (plugin_error.empty()) plugin_error = "unknown error";            \
+    }                                                                      \
+    Py_END_ALLOW_THREADS if (!plugin_error.empty()) {                      \
+      PyErr_SetString(PyExc_RuntimeError, plugin_error.c_str());           \
+      return nullptr;                                                      \
+    }                                                                      \
+    Py_RETURN_NONE;                                                        \
+  } while (0)
