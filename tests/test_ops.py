@@ -618,3 +618,182 @@ def test_filtered_lrelu_dtype_and_asserts():
     for kwargs in [dict(gain=0), dict(slope=-0.1), dict(clamp=-1), dict(up=1.5)]:
         with pytest.raises(AssertionError):
             filtered_lrelu.filtered_lrelu(x, **kwargs)
+
+# ----------------------------------------------------------------------------
+# The compiled plugins against the reference paths (the specification).
+
+from torch_utils import custom_ops  # noqa: E402 pylint: disable=wrong-import-position
+
+
+@pytest.fixture(scope='module')
+def plugins():
+    """Build (or load from the user cache) both CPU plugins once for this module."""
+    if custom_ops.mode() == 'ref':
+        pytest.skip('DI_CUSTOM_OPS=ref')
+    found = bias_act._plugin(), upfirdn2d._plugin()
+    assert all(p is not None for p in found), 'the CPU plugins must build here (see the warning for the log)'
+    return found
+
+
+def rel_err(actual, expected):
+    """Largest difference relative to the largest magnitude of `expected`."""
+    a, e = np64(actual), np64(expected)
+    return np.abs(a - e).max() / max(np.abs(e).max(), 1e-30)
+
+
+def layout(x, kind):
+    if kind == 'channels_last':
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == 'strided':  # A view with a non-unit last stride.
+        return torch.stack([x, -x], dim=-1).flatten(-2)[..., ::2]
+    return x
+
+
+def grads_of(fn, inputs, seed=11):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    w = randn(*y.shape, seed=seed).to(y.dtype)
+    return y, torch.autograd.grad((y * w).sum(), leaves)
+
+
+F4_RANK1 = upfirdn2d.setup_filter([1, 3, 3, 1])  # StyleGAN2's 4x4: runs as two 1-D passes.
+PLUGIN_UPFIRDN_CASES = UPFIRDN_CASES + [
+    # x shape,      filter,              up,    down, padding,        flip,  gain
+    ((1, 2, 5, 7),  F4_RANK1,            4,     1,    [3, 2, 3, 2],   False, 16),
+    ((2, 2, 17, 13), rand_filter(4, 4),  1,     4,    [1, 2, 0, 3],   True,  1),
+    ((1, 3, 5, 6),  rand_filter(7),      4,     2,    3,              False, 16),
+    ((2, 3, 9, 11), F4_RANK1,            1,     1,    [2, 1, 2, 1],   False, 1),
+    ((2, 3, 16, 15), F4_RANK1,           1,     2,    1,              True,  1),
+    ((1, 2, 8, 8),  F4_RANK1,            2,     1,    [2, 1, 2, 1],   False, 4),
+    ((1, 1, 7, 5),  rand_filter(1, 4),   [1, 4], [2, 1], [0, 3, 1, 0], True, 2),
+]
+
+
+@pytest.mark.parametrize('kind', ['contiguous', 'channels_last', 'strided'])
+@pytest.mark.parametrize('shape, f, up, down, padding, flip, gain', PLUGIN_UPFIRDN_CASES)
+def test_upfirdn2d_plugin_matches_reference(plugins, shape, f, up, down, padding, flip, gain, kind):
+    x = layout(randn(*shape), kind)
+    kwargs = dict(up=up, down=down, padding=padding, flip_filter=flip, gain=gain)
+    y, (gx,) = grads_of(lambda t: upfirdn2d.upfirdn2d(t, f, **kwargs), [x])
+    assert type(y.grad_fn).__name__ == '_Upfirdn2dBackward', 'the plugin did not run'
+    y_ref, (gx_ref,) = grads_of(lambda t: upfirdn2d.upfirdn2d(t, f, impl='ref', **kwargs), [x])
+    assert y.shape == y_ref.shape and y.dtype == torch.float32
+    assert rel_err(y, y_ref) <= 1e-6
+    assert rel_err(gx, gx_ref) <= 1e-6
+
+
+@pytest.mark.parametrize('f, kwargs', [
+    (rand_filter(3, 2), dict(up=2, down=[1, 2], padding=[1, -1, 2, 0])),
+    (rand_filter(3), dict(up=[1, 2], down=2, padding=1, flip_filter=True, gain=2)),
+    (F4_RANK1, dict(up=[2, 4], down=[4, 1], padding=[2, 3, 1, 2], gain=3)),
+])
+def test_upfirdn2d_plugin_gradcheck(plugins, f, kwargs):
+    x = randn(1, 2, 5, 4, dtype=torch.float64).requires_grad_()
+    fn = lambda t: upfirdn2d.upfirdn2d(t, f, **kwargs)  # noqa: E731
+    assert type(fn(x).grad_fn).__name__ == '_Upfirdn2dBackward'
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+BIAS_ACT_LAYOUTS = [  # x shape, dim, layout
+    ((2, 5, 6, 7), 1, 'contiguous'), ((2, 5, 6, 7), 1, 'channels_last'), ((2, 5, 6, 7), 1, 'strided'),
+    ((4, 3), 0, 'contiguous'), ((3, 4, 5), -1, 'contiguous'), ((2, 5, 6, 7), 2, 'channels_last'),
+]
+
+
+@pytest.mark.parametrize('clamp', [None, 0.7])
+@pytest.mark.parametrize('act', list(bias_act.activation_funcs))
+def test_bias_act_plugin_matches_reference(plugins, act, clamp):
+    for shape, dim, kind in BIAS_ACT_LAYOUTS:
+        x = layout(randn(*shape) * 2, kind)
+        b = randn(shape[dim], seed=5)
+        for args in ([x, b], [x]):
+            def fn(impl, *t):
+                return bias_act.bias_act(t[0], t[1] if len(t) > 1 else None, dim=dim, act=act, clamp=clamp, impl=impl)
+            y, grads = grads_of(lambda *t: fn('cuda', *t), args)
+            assert 'BiasAct' in type(y.grad_fn).__name__, 'the plugin did not run'
+            y_ref, grads_ref = grads_of(lambda *t: fn('ref', *t), args)
+            assert y.shape == y_ref.shape and y.dtype == torch.float32
+            assert rel_err(y, y_ref) <= 1e-6, (shape, kind)
+            for g, g_ref in zip(grads, grads_ref):
+                assert rel_err(g, g_ref) <= 1e-6, (shape, kind)
+
+
+@pytest.mark.parametrize('act', list(bias_act.activation_funcs))
+def test_bias_act_plugin_gradcheck(plugins, act):
+    x = (randn(2, 3, 4, dtype=torch.float64) * 2).requires_grad_()
+    b = randn(3, dtype=torch.float64, seed=3).requires_grad_()
+    for clamp in [None, 1.5]:
+        fn = lambda t, u: bias_act.bias_act(t, u, act=act, clamp=clamp)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, b))
+        assert torch.autograd.gradgradcheck(fn, (x, b))
+    fn = lambda t: bias_act.bias_act(t.permute(0, 2, 1), act=act, dim=2, gain=0.5)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_plugins_low_precision_and_threads(plugins):
+    x, b, f = randn(2, 4, 9, 8), randn(4, seed=2), F4_RANK1
+    for dtype in [torch.float16, torch.bfloat16]:
+        y = bias_act.bias_act(x.to(dtype), b, act='lrelu', clamp=1)
+        assert y.dtype == dtype
+        assert_close(y.float(), bias_act.bias_act(x, b, act='lrelu', clamp=1, impl='ref'), 2e-2)
+        y = upfirdn2d.upsample2d(x.to(dtype), f)
+        assert y.dtype == dtype
+        assert_close(y.float(), upfirdn2d.upsample2d(x, f, impl='ref'), 3e-2)
+    # The bias gradient is summed in a fixed order: the same bits for any number of threads.
+    x = randn(8, 16, 33, 31)
+    results = []
+    for threads in [1, 2]:
+        torch.set_num_threads(threads)
+        results.append(grads_of(lambda t, u: bias_act.bias_act(t, u, act='lrelu'), [x, randn(16)])[1][1])
+        results.append(grads_of(lambda t: upfirdn2d.downsample2d(t, f), [x])[1][0])
+    torch.set_num_threads(1)
+    assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
+
+
+def test_filtered_lrelu_plugin_path_matches_reference(plugins):
+    x, b = randn(2, 3, 7, 6) * 2, randn(3, seed=7)
+    kwargs = dict(fu=SEP_U, fd=SEP_D, b=b, up=2, down=2, padding=[5, 4, 6, 3], clamp=0.8)
+    y, grads = grads_of(lambda t: filtered_lrelu.filtered_lrelu(t, **kwargs), [x])
+    y_ref, grads_ref = grads_of(lambda t: filtered_lrelu.filtered_lrelu(t, impl='ref', **kwargs), [x])
+    assert rel_err(y, y_ref) <= 1e-6 and rel_err(grads[0], grads_ref[0]) <= 1e-6
+
+# ----------------------------------------------------------------------------
+# CUDA plugins against the CPU reference (skipped without a GPU).
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+
+
+@cuda
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+@pytest.mark.parametrize('kind', ['contiguous', 'channels_last'])
+def test_cuda_plugins_match_reference(dtype, tol, kind):
+    assert bias_act._plugin() is not None and hasattr(bias_act._plugin(), 'bias_act_cuda')
+    dev = torch.device('cuda')
+    x = layout(randn(4, 6, 12, 10) * 2, kind)
+    b = randn(6, seed=3)
+    for act in bias_act.activation_funcs:
+        fn = lambda impl, d: lambda t, u: bias_act.bias_act(t, u, act=act, clamp=1.5, impl=impl)  # noqa: E731
+        y, grads = grads_of(fn('cuda', dev), [x.to(dev, dtype), b.to(dev, dtype)])
+        y_ref, grads_ref = grads_of(fn('ref', None), [x.double(), b.double()])
+        assert y.dtype == dtype and rel_err(y, y_ref) <= tol, act
+        for g, g_ref in zip(grads, grads_ref):
+            assert rel_err(g, g_ref) <= tol * 10, act
+    for shape, f, up, down, padding, flip, gain in PLUGIN_UPFIRDN_CASES:
+        xs = layout(randn(*shape), kind)
+        kw = dict(up=up, down=down, padding=padding, flip_filter=flip, gain=gain)
+        y, (g,) = grads_of(lambda t: upfirdn2d.upfirdn2d(t, None if f is None else f.to(dev), **kw), [xs.to(dev, dtype)])
+        y_ref, (g_ref,) = grads_of(lambda t: upfirdn2d.upfirdn2d(t, f, impl='ref', **kw), [xs.double()])
+        assert rel_err(y, y_ref) <= tol and rel_err(g, g_ref) <= tol, shape
+    for shape, fu, fd, up, down, padding, gain, slope, clamp in LRELU_CASES:
+        xs, bs = layout(randn(*shape) * 2, kind), randn(shape[1], seed=7)
+        kw = dict(up=up, down=down, padding=padding, gain=gain, slope=slope, clamp=clamp)
+        to = lambda f: None if f is None else f.to(dev)  # noqa: E731
+        y, grads = grads_of(lambda t, u: filtered_lrelu.filtered_lrelu(t, to(fu), to(fd), u, **kw),
+                            [xs.to(dev, dtype), bs.to(dev, dtype)])
+        y_ref, grads_ref = grads_of(lambda t, u: filtered_lrelu.filtered_lrelu(t, fu, fd, u, impl='ref', **kw),
+                                    [xs.double(), bs.double()])
+        assert rel_err(y, y_ref) <= tol, shape
+        for g, g_ref in zip(grads, grads_ref):
+            assert rel_err(g, g_ref) <= tol * 10, shape

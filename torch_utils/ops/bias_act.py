@@ -132,11 +132,9 @@ class _BiasAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b, p):  # pylint: disable=arguments-differ
         fmt, view = _layout(x, p.dim, b is not None)
-        x = x.contiguous(memory_format=fmt)
-        if b is not None:
-            b = b.contiguous()
-        y, _ = _run(0, p, view, r=x, b=b)
+        y, _ = _run(0, p, view, r=x.contiguous(memory_format=fmt), b=None if b is None else b.contiguous())
         ctx.p, ctx.fmt, ctx.view = p, fmt, view
+        # The inputs themselves, not dense copies: second-order gradients must reach them.
         ctx.save_for_backward(x if p.ref == 'x' else None, b if p.ref == 'x' else None, y if p.ref == 'y' else None)
         return y
 
@@ -159,8 +157,8 @@ class _BiasActGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dy, x, b, y, p, fmt, view, want_db):  # pylint: disable=arguments-differ
         dy = dy.contiguous(memory_format=fmt)
-        r = x if p.ref == 'x' else y
-        dx, db = _run(1, p, view, d=dy, r=r, b=b, want_sum=want_db)
+        r = (x if p.ref == 'x' else y).contiguous(memory_format=fmt)
+        dx, db = _run(1, p, view, d=dy, r=r, b=None if b is None else b.contiguous(), want_sum=want_db)
         ctx.p, ctx.fmt, ctx.view = p, fmt, view
         ctx.save_for_backward(dy, x, b, y)
         if db is None:
@@ -182,8 +180,9 @@ class _BiasActGrad(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_dy = _BiasActGrad.apply(d, x, b, y, p, ctx.fmt, ctx.view, False)[0]
         if p.spec.has_2nd_grad and any(ctx.needs_input_grad[1:4]):
-            r = x if p.ref == 'x' else y
-            d_r, _ = _run(2, p, ctx.view, d=d, dy=dy, r=r, b=b)
+            r = (x if p.ref == 'x' else y).contiguous(memory_format=ctx.fmt)
+            d_r, _ = _run(2, p, ctx.view, d=d, dy=dy.contiguous(memory_format=ctx.fmt), r=r,
+                          b=None if b is None else b.contiguous())
             if p.ref == 'x':
                 d_x = d_r
                 d_b = _channel_sum(d_r, p.dim).to(d_r.dtype) if b is not None else None
