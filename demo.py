@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from metrics import registry # pylint: disable=wrong-import-position
 from refine import generation, run, sampling # pylint: disable=wrong-import-position
-from torch_utils import train_utils # pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEACHER = os.path.join(HERE, 'pretrained', 'edm-mnist32-cond.pkl')
@@ -50,8 +49,7 @@ def main(kimg, outdir):
         lr=1e-4, glr=1e-4, ema=1.0, kimg=kimg, tick=0.5, snap=1000, seed=0, allow_pickle_code=False))
     torch.manual_seed(o.seed)
     setup = run.prepare(o)
-    run_dir = train_utils.next_run_dir(outdir, f'di-mnist-{kimg:g}kimg')
-    os.makedirs(run_dir)
+    run_dir = run.make_run_dir(o, f'di-mnist-{kimg:g}kimg', outdir=outdir) # refine.py --resume continues it
     _, train_seconds = timed(run.launch, setup, run_dir, None, lambda line: print(line, flush=True))
     snapshot = os.path.join(run_dir, sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot'))[-1])
 

@@ -6,7 +6,7 @@ Examples:
   # One-step images from a refine.py snapshot (its G_ema).
   python generate.py --network runs/00000-di/network-snapshot-000200.pkl --outdir out
   # A StyleGAN2/3 pickle (NVlabs' or refined here), truncated.
-  python generate.py --network stylegan2.pkl --trunc 0.7 --noise-mode const --outdir out
+  python generate.py --network stylegan2.pkl --truncation 0.7 --noise-mode const --outdir out
   # A SiD / Diff-Instruct one-step pickle: its 'ema' network at noise level 2.5.
   python generate.py --network sid.pkl --sigma-init 2.5 --outdir out
   # Many GPUs: each process takes every N-th batch.
@@ -88,9 +88,9 @@ def check_sampler_options(sampler_kwargs):
     """Ranges that single flags cannot check: the noise range must not be empty."""
     lo, hi = sampler_kwargs.get('sigma_min'), sampler_kwargs.get('sigma_max')
     if lo is not None and hi is not None and lo >= hi:
-        raise click.BadParameter(f'{lo:g} is not below --sigma_max {hi:g}', param_hint='--sigma_min')
+        raise click.BadParameter(f'{lo:g} is not below --sigma-max {hi:g}', param_hint='--sigma-min')
     if sampler_kwargs.get('S_min', 0) > sampler_kwargs.get('S_max', float('inf')):
-        raise click.BadParameter(f"{sampler_kwargs['S_min']:g} is above --S_max", param_hint='--S_min')
+        raise click.BadParameter(f"{sampler_kwargs['S_min']:g} is above --s-max", param_hint='--s-min')
 
 def _echo0(message):
     if distributed.is_main():
@@ -103,15 +103,15 @@ def _echo0(message):
 @click.option('--class',    'class_idx',      help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch',    'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64)
 @click.option('--steps',    'num_steps',      help='Heun sampler steps (EDM teachers)', metavar='INT', type=click.IntRange(min=1), default=18)
-@click.option('--sigma_min',                  help='Lowest noise level  [default: the network\'s or 0.002]', metavar='FLOAT', type=cli.positive_float())
-@click.option('--sigma_max',                  help='Highest noise level  [default: the network\'s or 80]', metavar='FLOAT', type=cli.positive_float())
+@click.option('--sigma-min', '--sigma_min', 'sigma_min', help='Lowest noise level  [default: the network\'s or 0.002]', metavar='FLOAT', type=cli.positive_float())
+@click.option('--sigma-max', '--sigma_max', 'sigma_max', help='Highest noise level  [default: the network\'s or 80]', metavar='FLOAT', type=cli.positive_float())
 @click.option('--rho',                        help='Time step exponent', metavar='FLOAT', type=cli.positive_float(), default=7)
-@click.option('--S_churn',  'S_churn',        help='Stochasticity strength', metavar='FLOAT', type=cli.nonnegative_float(), default=0)
-@click.option('--S_min',    'S_min',          help='Stoch. min noise level', metavar='FLOAT', type=cli.nonnegative_float(), default=0)
-@click.option('--S_max',    'S_max',          help='Stoch. max noise level (inf: no limit)', metavar='FLOAT', type=NOT_NAN_NONNEGATIVE, default=float('inf'))
-@click.option('--S_noise',  'S_noise',        help='Stoch. noise inflation', metavar='FLOAT', type=cli.positive_float(), default=1)
+@click.option('--s-churn', '--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=cli.nonnegative_float(), default=0)
+@click.option('--s-min', '--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=cli.nonnegative_float(), default=0)
+@click.option('--s-max', '--S_max', 'S_max', help='Stoch. max noise level (inf: no limit)', metavar='FLOAT', type=NOT_NAN_NONNEGATIVE, default=float('inf'))
+@click.option('--s-noise', '--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=cli.positive_float(), default=1)
 @click.option('--sigma-init',                 help='Read an EDM pickle as a one-step generator at this noise level (SiD 2.5, DI 1.0)', metavar='FLOAT', type=cli.positive_float(), default=None)
-@click.option('--trunc',    'truncation_psi', help='StyleGAN truncation psi  [default: 1]', metavar='FLOAT', type=cli.FiniteFloat(), default=None)
+@click.option('--truncation', '--trunc', 'truncation_psi', help='StyleGAN truncation psi  [default: 1]', metavar='FLOAT', type=cli.FiniteFloat(), default=None)
 @click.option('--noise-mode',                 help='StyleGAN noise  [default: random]', type=click.Choice(['random', 'const', 'none']), default=None)
 @click.option('--grid',     'grid_path',      help='Also save all outputs in one PNG here', metavar='PNG', type=str, default=None)
 @click.option('--subdirs',                    help='Put images in subdirectories of 1000', is_flag=True)

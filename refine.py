@@ -15,14 +15,24 @@ Examples:
 import json
 import os
 import re
-import shutil
 
 import click
 import torch
 
 from refine import run
-from refine.divergences import coerce_options, describe_options, divergence_class
+from refine.divergences import DIVERGENCES, coerce_options, describe_options, divergence_class
 from torch_utils import cli, distributed, train_utils
+
+def _default(key):
+    """'[default: X; Y for gmm: teachers]' from refine.run's defaults, for --help."""
+    value, vector = run.DEFAULTS.get(key), run.VECTOR_DEFAULTS.get(key)
+    text = f'[default: {value:g}' if isinstance(value, float) else f'[default: {value}'
+    if vector is not None and vector != value:
+        text += f'; {vector:g}' if isinstance(vector, float) else f'; {vector}'
+        text += ' for gmm: teachers'
+    return text + ']'
+
+EXAMPLES = '\b\nExamples:\n' + __doc__.split('Examples:\n', 1)[1]
 
 def parse_div_opts(pairs):
     """('alpha=1.0', 'f=js', ...) -> {'alpha': '1.0', 'f': 'js'}: the syntax only; the values
@@ -52,7 +62,7 @@ def saved_options(run_dir, ctx):
     params = {p.name: p for p in ctx.command.params}
     checked = {}
     for key, value in saved.items():
-        if key in ('resume', 'dry_run', 'max_minutes', 'allow_pickle_code'):
+        if key in run.INVOCATION_OPTIONS:
             continue # this invocation's own
         if key == 'div_opt':
             if value is not None and not isinstance(value, dict):
@@ -72,28 +82,28 @@ def saved_options(run_dir, ctx):
             raise click.BadParameter(f'{path}: unknown option {key!r}', param_hint='--resume')
     return checked
 
-@click.command(cls=cli.Command, context_settings=dict(show_default=True))
-@click.option('--teacher',      help='Teacher: EDM pickle path/URL, or gmm:PRESET', metavar='PKL|gmm:NAME', type=str)
+@click.command(cls=cli.Command, context_settings=dict(show_default=True, max_content_width=120), epilog=EXAMPLES)
+@click.option('--teacher',      help='Teacher: EDM pickle path/URL, gmm:PRESET or gmm:FILE.json', metavar='PKL|gmm:NAME', type=str)
 @click.option('--gen',          help='Generator: teacher, mlp, or a pickle path/URL', metavar='SPEC', type=str, default='teacher')
 @click.option('--outdir',       help='Where to make the run directory', metavar='DIR', type=str)
-@click.option('--divergence',   help='Divergence to minimise: di, sid, dmd, sim, fdiv, vardiu', type=str, default=None)
-@click.option('--div-opt',      help='Divergence option KEY=VALUE (repeatable), e.g. alpha=1.0, f=js', metavar='KEY=VALUE', type=str, multiple=True)
-@click.option('--batch',        help='Global batch size (images per iteration)', type=click.IntRange(min=1), default=None)
-@click.option('--batch-gpu',    help='Images per process per accumulation round', type=click.IntRange(min=1), default=None)
-@click.option('--lr',           help='Fake-score learning rate', type=cli.positive_float(), default=None)
-@click.option('--glr',          help='Generator learning rate', type=cli.positive_float(), default=None)
-@click.option('--sigma-init',   help='Noise level of the one-step generator', type=cli.positive_float(), default=None)
+@click.option('--divergence',   help=f"Divergence to minimise: {', '.join(DIVERGENCES)}  {_default('divergence')}", type=str, default=None)
+@click.option('--div-opt',      help='Divergence option KEY=VALUE (repeatable), e.g. alpha=1.0, f=js; --div-opt help lists them', metavar='KEY=VALUE', type=str, multiple=True)
+@click.option('--batch',        help=f"Global batch size (images per iteration)  {_default('batch')}", type=click.IntRange(min=1), default=None)
+@click.option('--batch-gpu',    help='Images per process per accumulation round  [default: the whole per-process batch]', type=click.IntRange(min=1), default=None)
+@click.option('--lr',           help=f"Fake-score learning rate  {_default('lr')}", type=cli.positive_float(), default=None)
+@click.option('--glr',          help=f"Generator learning rate  {_default('glr')}", type=cli.positive_float(), default=None)
+@click.option('--sigma-init',   help='Noise level of the one-step generator  [default: the divergence\'s: di 1, sid/sim 2.5, dmd 80]', type=cli.positive_float(), default=None)
 @click.option('--truncation',   help='StyleGAN --gen: truncation psi [default: 1]', type=cli.FiniteFloat(), default=None)
 @click.option('--noise-mode',   help='StyleGAN --gen: per-layer noise [default: random]', type=click.Choice(['random', 'const', 'none']), default=None)
 @click.option('--train-params', help='StyleGAN --gen: parameters to refine; synthesis = mapping frozen [default: all]', type=click.Choice(['all', 'synthesis', 'mapping']), default=None)
 @click.option('--fake-warmup',  help='First KIMG of --kimg update only the fake score (a GAN far from the teacher) [default: 0]', metavar='KIMG', type=cli.nonnegative_float(), default=None)
-@click.option('--fake-steps',   help='Fake-score updates per generator update', type=click.IntRange(min=1), default=None)
-@click.option('--ema',          help='EMA half-life of the generator [kimg]', type=cli.nonnegative_float(), default=None)
-@click.option('--kimg',         help='Training duration [kimg]', type=cli.positive_float(), default=None)
+@click.option('--fake-steps',   help='Fake-score updates per generator update  [default: the divergence\'s (1; dmd/fdiv 5); at least 4 for gmm: teachers]', type=click.IntRange(min=1), default=None)
+@click.option('--ema',          help=f"EMA half-life of the generator [kimg]  {_default('ema')}", type=cli.nonnegative_float(), default=None)
+@click.option('--kimg',         help=f"Training duration [kimg]  {_default('kimg')}", type=cli.positive_float(), default=None)
 @click.option('--max-minutes',  help='Also stop (snapshot and state) at the first tick after this many minutes; --resume continues', type=cli.positive_float(), default=None)
-@click.option('--tick',         help='Progress interval [kimg]', type=cli.positive_float(), default=None)
-@click.option('--snap',         help='Snapshot interval [ticks]', type=click.IntRange(min=1), default=None)
-@click.option('--seed',         help='Random seed', type=int, default=None)
+@click.option('--tick',         help=f"Progress interval [kimg]  {_default('tick')}", type=cli.positive_float(), default=None)
+@click.option('--snap',         help=f"Snapshot interval [ticks]  {_default('snap')}", type=click.IntRange(min=1), default=None)
+@click.option('--seed',         help=f"Random seed  {_default('seed')}", type=int, default=None)
 @click.option('--metrics',      help='Metrics at each snapshot, e.g. fd10k,fid10k (see fid.py)', metavar='LIST', type=str)
 @click.option('--metric-ref',   help='Reference for --metrics: dataset ZIP/dir or .npz', metavar='PATH', type=str)
 @click.option('--resume',       help='Continue a run: its directory or a training-state .pt', metavar='PATH', type=str)
@@ -145,24 +155,12 @@ def main(**opts):
 
     if resume_state is None:
         desc = f"{o.divergence}-{re.sub(r'[^A-Za-z0-9]+', '_', os.path.basename(o.teacher))[:40]}-gen_{os.path.basename(o.gen)[:20]}"
-        run_dir = make_run_dir(o, desc) if distributed.is_main() else None
+        run_dir = run.make_run_dir(o, desc) if distributed.is_main() else None
         run_dir = distributed.all_gather_object(run_dir)[0]
     # Rank 0 copies everything it prints to log.txt in the run directory (appended on resume).
     with cli.run_log(os.path.join(run_dir, 'log.txt'), enabled=distributed.is_main()):
         distributed.print0(f'Run directory: {run_dir}')
         run.launch(setup, run_dir, resume_state=resume_state)
-
-def make_run_dir(o, desc):
-    """The new run folder with its options.json; nothing is left behind if that fails."""
-    run_dir = train_utils.next_run_dir(o.outdir, desc)
-    os.makedirs(run_dir)
-    try:
-        options = {k: v for k, v in o.items() if k not in ('resume', 'dry_run', 'max_minutes', 'allow_pickle_code')}
-        train_utils.write_atomic(os.path.join(run_dir, 'options.json'), json.dumps(options, indent=2))
-    except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    return run_dir
 
 if __name__ == '__main__':
     main() # pylint: disable=no-value-for-parameter

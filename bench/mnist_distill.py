@@ -49,6 +49,7 @@ def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, e
         metric_ref=FAST_STATS, allow_pickle_code=False))
     torch.manual_seed(o.seed)
     setup = run.prepare(o)
+    run.save_options(run_dir, o) # refine.py --resume can continue it too
     print(f'Run directory: {run_dir}' + (f' (continuing from {resume_state})' if resume_state else ''), flush=True)
     start = time.time()
     run.launch(setup, run_dir, resume_state=resume_state, log=lambda line: print(line, flush=True))

@@ -222,7 +222,7 @@ def refinement_loop(
                 fake=fake, divergence=divergence, run_dir=run_dir))
             record['callback_sec'] = time.time() - callback_start
         if is_main:
-            training_stats.append_jsonl(os.path.join(run_dir, 'stats.jsonl'), record)
+            training_stats.append_jsonl(os.path.join(run_dir, 'stats.jsonl'), training_stats.with_nvlabs_keys(record))
 
         snapshot_due = done or (snapshot_ticks is not None and cur_tick % snapshot_ticks == 0)
         every = state_ticks if state_ticks is not None else snapshot_ticks
@@ -231,7 +231,8 @@ def refinement_loop(
         snapshot_path = os.path.join(run_dir, f'network-snapshot-{tag}.pkl')
         if snapshot_due and is_main:
             save_snapshot(snapshot_path, G_ema=G_ema, G=G, fake=fake, extra=dict(snapshot_extra, kimg=cur_nimg / 1e3))
-            save_sample_png(G_ema, grid_z, grid_c, os.path.join(run_dir, f'samples-{tag}.png'), decoder=snapshot_extra.get('encoder'))
+            save_sample_png(G_ema, grid_z, grid_c, os.path.join(run_dir, f'samples-{tag}.png'), decoder=snapshot_extra.get('encoder'),
+                components=teacher if hasattr(teacher, 'means') else None) # a GMM's ellipses
         if snapshot_due:
             last_snapshot = snapshot_path
         if snapshot_due and on_snapshot is not None:
@@ -264,13 +265,13 @@ def save_snapshot(path, G_ema, G, fake, extra):
     data.update(extra)
     persistence.save_network_pkl(data, path)
 
-def save_sample_png(G, z, c, path, decoder=None):
+def save_sample_png(G, z, c, path, decoder=None, components=None):
     """A grid of G's samples; `decoder` (a latent teacher's encoder) turns latents into images."""
     from refine import sampling # pylint: disable=import-outside-toplevel
     with torch.no_grad():
         x = G(z, c)
         x = (decoder.decode(x) if decoder is not None else x).cpu()
     if getattr(G, 'is_vector', False):
-        sampling.save_scatter_png(x[:, :2].numpy(), path)
+        sampling.save_scatter_png(x[:, :2].numpy(), path, components=components)
     else:
         sampling.save_image_grid(x, path)

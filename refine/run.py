@@ -1,6 +1,8 @@
 """From resolved options to constructed objects and a running loop (refine.py's library side)."""
 
+import json
 import os
+import shutil
 
 import dnnlib
 from refine import generators, teachers
@@ -110,3 +112,24 @@ def metrics_callback(o, run_dir, log=print):
                 registry.append_jsonl(run_dir, record, snapshot_pkl=os.path.basename(snapshot_path), kimg=kimg)
                 log(f"{record['metric']} at {kimg:g} kimg: " + ', '.join(f'{k} {v:.4g}' for k, v in record['results'].items()))
     return on_snapshot
+
+# Options that belong to one invocation, not to the run (never saved in options.json).
+INVOCATION_OPTIONS = ('resume', 'dry_run', 'max_minutes', 'allow_pickle_code')
+
+def save_options(run_dir, o):
+    """options.json: what `refine.py --resume RUN` reads back to continue the run."""
+    options = {k: v for k, v in o.items() if k not in INVOCATION_OPTIONS}
+    train_utils.write_atomic(os.path.join(run_dir, 'options.json'), json.dumps(options, indent=2))
+
+def make_run_dir(o, desc, outdir=None):
+    """A new NNNNN-desc folder under `outdir` (default o.outdir) holding options.json; nothing
+    is left behind if writing it fails."""
+    run_dir = train_utils.next_run_dir(outdir or o.outdir, desc)
+    os.makedirs(run_dir)
+    try:
+        save_options(run_dir, o)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir
+

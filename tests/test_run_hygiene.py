@@ -72,10 +72,12 @@ def test_kill_9_then_resume_is_exact_and_leaves_a_clean_folder(tmp_path):
     assert ticks == list(range(1, len(ticks) + 1)) == [r['tick'] for r in _records(whole)]
     # Ticks of 0.256 kimg: 8 snapshots, none overwritten by the next one in the same kimg.
     snaps = [os.path.basename(p) for _, p in train_utils.numbered_files(whole, 'network-snapshot', 'pkl')]
-    assert snaps == ['network-snapshot-000000.256.pkl', 'network-snapshot-000000.512.pkl',
-        'network-snapshot-000000.768.pkl', 'network-snapshot-000001.pkl', 'network-snapshot-000001.280.pkl',
-        'network-snapshot-000001.536.pkl', 'network-snapshot-000001.792.pkl', 'network-snapshot-000002.pkl']
+    assert snaps == ['network-snapshot-000000_256.pkl', 'network-snapshot-000000_512.pkl',
+        'network-snapshot-000000_768.pkl', 'network-snapshot-000001.pkl', 'network-snapshot-000001_280.pkl',
+        'network-snapshot-000001_536.pkl', 'network-snapshot-000001_792.pkl', 'network-snapshot-000002.pkl']
     assert len(train_utils.numbered_files(whole, 'training-state', 'pt')) == 8
+    assert sorted(os.listdir(whole)) == sorted(os.listdir(whole), key=lambda n: (n.split('-')[0], n)) # name order = kimg order
+    assert snaps == sorted(snaps)
 
 def test_snapshot_tags_never_repeat():
     # Any tick length, any batch: the tags of consecutive tick ends are distinct.
@@ -89,7 +91,7 @@ def test_snapshot_tags_never_repeat():
                     start = nimg
             assert len(tags) == len(set(tags)), (batch, tick)
     assert train_utils.snapshot_tag(2048, 1024) == '000002'
-    assert train_utils.snapshot_tag(2560, 2048) == '000002.560'
+    assert train_utils.snapshot_tag(2560, 2048) == '000002_560'
 
 def test_truncated_latest_state_falls_back_to_the_newest_complete_one(tmp_path):
     _refine(*ARGS, '--kimg', '0.768', '--outdir', str(tmp_path / 'r'))

@@ -92,8 +92,8 @@ def test_resume_is_bit_exact(runs):
 def test_run_directory(runs):
     names = sorted(os.listdir(runs['full']))
     # Ticks of 16 images end inside the first kimg: the names carry the images (no overwrites).
-    assert {'network-snapshot-000000.048.pkl', 'samples-000000.048.png', 'stats.jsonl',
-        'training-state-000000.048.pt', 'training_options.json', 'log.txt'} <= set(names)
+    assert {'network-snapshot-000000_048.pkl', 'samples-000000_048.png', 'stats.jsonl',
+        'training-state-000000_048.pt', 'training_options.json', 'log.txt'} <= set(names)
     with open(os.path.join(runs['full'], 'stats.jsonl')) as f:
         records = [json.loads(line) for line in f]
     assert [r['kimg'] for r in records] == [0.016, 0.032, 0.048]
@@ -103,7 +103,7 @@ def test_run_directory(runs):
     assert options['dataset_kwargs']['resolution'] == 8 and options['dataset_kwargs']['max_size'] == 40
 
 def test_snapshot_safe_loads(runs):
-    path = os.path.join(runs['full'], 'network-snapshot-000000.048.pkl')
+    path = os.path.join(runs['full'], 'network-snapshot-000000_048.pkl')
     data = safe_pickle.load_network_pkl(path)
     assert set(data) == {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}
     assert isinstance(data['ema'], EDMPrecond) and not data['ema'].training
@@ -117,7 +117,7 @@ def test_snapshot_safe_loads(runs):
         assert torch.equal(value, ema[name]), name
 
 def test_snapshot_generates_and_refines(runs, tmp_path):
-    path = os.path.join(runs['full'], 'network-snapshot-000000.048.pkl')
+    path = os.path.join(runs['full'], 'network-snapshot-000000_048.pkl')
     result = _cli(generate.main, '--network', path, '--outdir', tmp_path / 'out', '--seeds', '0-2',
         '--steps', 3, '--class', 4)
     assert result.exit_code == 0, result.output

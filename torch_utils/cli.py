@@ -133,7 +133,10 @@ def run_log(path, enabled=True):
 
 class FiniteFloat(click.FloatRange):
     """A click float range that also refuses nan and inf (they would run to garbage)."""
-    name = 'finite float'
+    name = 'float'
+
+    def _describe_range(self):
+        return '' if self.min is None and self.max is None else super()._describe_range()
 
     def convert(self, value, param, ctx):
         number = super().convert(value, param, ctx)

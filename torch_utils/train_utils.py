@@ -56,21 +56,22 @@ def update_ema(ema, net, cur_nimg, batch_size, halflife_kimg, rampup_ratio=None)
 
 # Snapshot and training-state names: NVlabs' `<prefix>-NNNNNN.<ext>` with NNNNNN the whole kimg
 # seen; a tick that ends in the kimg it started in (ticks under 1 kimg, a short last tick) adds
-# the images as 3 decimals (`-000000.256`), so that no file ever replaces an earlier one.
-_NUMBERED = re.compile(r'^(?P<prefix>.+)-(?P<kimg>\d+(?:\.\d{3})?)\.(?P<ext>[A-Za-z]+)$')
+# the images past it (`-000001_280`: 1.280 kimg), so that no file ever replaces an earlier one.
+# '_' sorts after '.', so plain name order is kimg order.
+_NUMBERED = re.compile(r'^(?P<prefix>.+)-(?P<kimg>\d+)(?:_(?P<rest>\d{3}))?\.(?P<ext>[A-Za-z]+)$')
 
 def snapshot_tag(cur_nimg, tick_start_nimg):
     if cur_nimg // 1000 != tick_start_nimg // 1000:
         return f'{cur_nimg // 1000:06d}'
-    return f'{cur_nimg // 1000:06d}.{cur_nimg % 1000:03d}'
+    return f'{cur_nimg // 1000:06d}_{cur_nimg % 1000:03d}'
 
 def numbered_files(folder, prefix, ext):
-    """[(kimg as a float, path)] of `<prefix>-NNNNNN[.ddd].<ext>` in `folder`, in kimg order."""
+    """[(kimg as a float, path)] of `<prefix>-NNNNNN[_ddd].<ext>` in `folder`, in kimg order."""
     found = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         m = _NUMBERED.match(name)
         if m and m.group('prefix') == prefix and m.group('ext') == ext:
-            found.append((float(m.group('kimg')), os.path.join(folder, name)))
+            found.append((int(m.group('kimg')) + int(m.group('rest') or 0) / 1000, os.path.join(folder, name)))
     return sorted(found)
 
 def is_complete_torch_file(path):

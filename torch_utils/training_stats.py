@@ -16,6 +16,7 @@ import math
 import os
 import re
 import threading
+import time
 
 import numpy as np
 import torch
@@ -119,6 +120,24 @@ def _jsonable(obj):
     if isinstance(obj, (np.generic, np.ndarray)):
         return obj.tolist()
     raise TypeError(f'{type(obj).__name__} is not JSON serialisable')
+
+# Our flat tick-record fields and the NVlabs `training_stats` names their log readers know.
+_NVLABS_NAMES = dict(tick='Progress/tick', kimg='Progress/kimg', time='Timing/total_sec',
+    sec_per_kimg='Timing/sec_per_kimg', maxrss_gb='Resources/cpu_mem_gb', peak_gpu_gb='Resources/peak_gpu_mem_gb')
+
+def with_nvlabs_keys(record):
+    """`record` plus the same figures as NVlabs' stats.jsonl lines hold them: each
+    `{'num', 'mean', 'std'}` under a `Group/name` key, reported losses as `Loss/...`, and
+    `timestamp`, so that EDM/StyleGAN log readers understand our runs too."""
+    out = dict(record)
+    for key, name in _NVLABS_NAMES.items():
+        if isinstance(record.get(key), (int, float)):
+            out[name] = dict(num=1, mean=float(record[key]), std=0.0)
+    for key, value in record.items():
+        if isinstance(value, dict) and 'mean' in value and '/' not in key:
+            out[('Loss/' + key[len('loss_'):]) if key.startswith('loss_') else f'Stats/{key}'] = value
+    out['timestamp'] = time.time()
+    return out
 
 def append_jsonl(path, record):
     """Append `record` as one JSON line, written whole and synced before returning.

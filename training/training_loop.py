@@ -158,7 +158,7 @@ def training_loop(
             f"sec/kimg {record['sec_per_kimg']:<8.2f} img/s {record['img_per_sec']:<7.1f} "
             f"loss {loss_mean:<8.4f} cpumem {record['maxrss_gb']:.2f} gpumem {record['peak_gpu_gb']:.2f}")
         if is_main:
-            training_stats.append_jsonl(os.path.join(run_dir, 'stats.jsonl'), record)
+            training_stats.append_jsonl(os.path.join(run_dir, 'stats.jsonl'), training_stats.with_nvlabs_keys(record))
 
         tag = train_utils.snapshot_tag(cur_nimg, tick_start_nimg)
         if done or (snapshot_ticks is not None and cur_tick % snapshot_ticks == 0):
