@@ -290,7 +290,8 @@ def _classify(log_text):
     if found:
         return f'compiler does not run ({found.group(1)} --version fails)'
     for pattern, reason in [(r'nvcc fatal|unsupported GNU version|CUDA version', 'nvcc/CUDA problem'),
-                            (r'error:|Error \d|undefined reference|fatal error', 'compile error')]:
+                            (r'cannot find -l|undefined reference|undefined symbol', 'link error'),
+                            (r'^(?!.*collect2).*error', 'compile error')]:
         match = re.search(f'^.*(?:{pattern}).*$', log_text, re.MULTILINE)
         if match:
             return f'{reason}: {match.group(0).strip()[:200]}'

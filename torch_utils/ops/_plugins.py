@@ -19,10 +19,12 @@ CUDA_CFLAGS = ['-O3', '-DWITH_CUDA']
 _plugins = dict()
 
 
-def load(name, cpp, cu, headers):
+def load(name, cpp, cu, headers, with_cuda=None):
+    """The plugin module or None; `with_cuda` defaults to whether torch sees a GPU."""
     if custom_ops.mode() == 'ref':
         return None
-    with_cuda = torch.cuda.is_available()
+    if with_cuda is None:
+        with_cuda = torch.cuda.is_available()
     key = (name, with_cuda)
     if key not in _plugins:
         sources = [cpp] + ([cu] if with_cuda else [])

@@ -44,9 +44,9 @@ activation_funcs = {
     'swish':    _spec(lambda x, alpha: torch.sigmoid(x) * x,       0,   np.sqrt(2), 9, 'x', True),
 }
 
-def _plugin():
+def _plugin(with_cuda=None):
     return _plugins.load('bias_act_plugin', 'bias_act.cpp', 'bias_act_cuda.cu',
-                         ['bias_act_math.h', 'bias_act_cuda.h'])
+                         ['bias_act_math.h', 'bias_act_cuda.h', 'cuda_common.cuh'], with_cuda)
 
 
 def bias_act(x, b=None, dim=1, act='linear', alpha=None, gain=None, clamp=None, impl='cuda'):

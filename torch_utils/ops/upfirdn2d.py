@@ -81,8 +81,9 @@ def setup_filter(f, device=torch.device('cpu'), normalize=True, flip_filter=Fals
 # The operation.
 
 
-def _plugin():
-    return _plugins.load('upfirdn2d_plugin', 'upfirdn2d.cpp', 'upfirdn2d_cuda.cu', ['upfirdn2d_cuda.h'])
+def _plugin(with_cuda=None):
+    return _plugins.load('upfirdn2d_plugin', 'upfirdn2d.cpp', 'upfirdn2d_cuda.cu', ['upfirdn2d_cuda.h', 'cuda_common.cuh'],
+                         with_cuda)
 
 
 def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1, impl='cuda'):
@@ -134,6 +135,11 @@ def _upfirdn2d_plugin(plugin, x, f, up, down, padding, flip_filter, gain):
 
 
 def _upfirdn2d_call(x, f, q):
+    if x.device.type == 'cuda' and f.ndim == 1:  # The CUDA kernel takes 2-D taps: W, then H.
+        x0, x1, y0, y1 = q.pads
+        g = q.gain ** 0.5
+        x = _upfirdn2d_call(x, f[None, :], _Params(q.plugin, q.upx, 1, q.downx, 1, (x0, x1, 0, 0), q.flip, g))
+        return _upfirdn2d_call(x, f[:, None], _Params(q.plugin, 1, q.upy, 1, q.downy, (0, 0, y0, y1), q.flip, g))
     n, c, h, w = x.shape
     fw, fh = _get_filter_size(f)
     x0, x1, y0, y1 = q.pads
