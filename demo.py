@@ -21,6 +21,7 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dnnlib # pylint: disable=wrong-import-position
 from metrics import registry # pylint: disable=wrong-import-position
 from refine import generation, run, sampling # pylint: disable=wrong-import-position
 
@@ -30,14 +31,18 @@ TEACHER_REFERENCE = os.path.join(HERE, 'pretrained', 'edm-mnist32-cond-reference
 FAST_STATS = os.path.join(HERE, 'pretrained', 'mnist-train60k-fast.npz')
 NUM_EVAL = 5000
 
-def class_rows(sample, per_class):
-    """`per_class` samples of every class, row by row; seeds 0.. as in the teacher's grid."""
-    return torch.cat([sample(list(range(k * per_class, (k + 1) * per_class)), k).cpu() for k in range(10)])
-
-def timed(fn, *args):
-    start = time.time()
-    out = fn(*args)
-    return out, time.time() - start
+def class_rows(sample, per_class, what):
+    """`per_class` samples of every class, row by row (seeds 0.. as in the teacher's grid), and
+    the median seconds per image over the rows (robust to a busy machine's spikes)."""
+    rows, seconds = [], []
+    progress = dnnlib.util.Progress(10, what, echo=lambda line: print(line, flush=True))
+    progress.update(0)
+    for k in range(10):
+        start = time.time()
+        rows.append(sample(list(range(k * per_class, (k + 1) * per_class)), k).cpu())
+        seconds.append((time.time() - start) / per_class)
+        progress.update(k + 1)
+    return torch.cat(rows), sorted(seconds)[len(seconds) // 2]
 
 @click.command(context_settings=dict(show_default=True))
 @click.option('--kimg', default=6.0, help='Distillation length [kimg]')
@@ -50,19 +55,23 @@ def main(kimg, outdir):
     torch.manual_seed(o.seed)
     setup = run.prepare(o)
     run_dir = run.make_run_dir(o, f'di-mnist-{kimg:g}kimg', outdir=outdir) # refine.py --resume continues it
-    _, train_seconds = timed(run.launch, setup, run_dir, None, lambda line: print(line, flush=True))
+    start = time.time()
+    run.launch(setup, run_dir, None, lambda line: print(line, flush=True))
+    train_seconds = time.time() - start
     snapshot = os.path.join(run_dir, sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot'))[-1])
 
-    print(f'\nMeasuring the student (FD, fast detector, {NUM_EVAL} samples) ...', flush=True)
+    print(f'\nMeasuring the student: FD (fast detector) of {NUM_EVAL} one-step samples ...', flush=True)
     student, _ = generation.load_for_generation(snapshot)
     teacher, teacher_meta = generation.load_for_generation(TEACHER)
     with torch.no_grad():
         records = registry.compute_metrics([f'fd{NUM_EVAL}'], lambda seeds, _labels: student(seeds),
-            ref=dict(fast=FAST_STATS), batch=250)
+            ref=dict(fast=FAST_STATS), batch=250, progress=lambda line: print(line, flush=True))
         student_fd = records[f'fd{NUM_EVAL}']['results'][f'fd{NUM_EVAL}']
         # The grid, 5 seeds of each class from both, also times both the same way.
-        teacher_grid, teacher_seconds = timed(class_rows, teacher, 5)
-        student_grid, student_grid_seconds = timed(class_rows, student, 5)
+        print(f'Sampling the comparison grid, 5 images per class: the teacher ({teacher_meta.nfe} network '
+            'calls per image) and the student (1 call) ...', flush=True)
+        teacher_grid, teacher_seconds = class_rows(teacher, 5, 'teacher rows')
+        student_grid, student_seconds = class_rows(student, 5, 'student rows')
     grid_path = os.path.join(run_dir, 'teacher-vs-student.png')
     sampling.save_side_by_side([teacher_grid, student_grid], grid_path, grid_w=5)
 
@@ -71,9 +80,9 @@ def main(kimg, outdir):
         with open(TEACHER_REFERENCE) as f:
             reference = json.load(f)
     teacher_fd = reference.get('metrics', {}).get(f'fd{NUM_EVAL}', float('nan'))
-    rows = [('teacher', teacher_meta.nfe, teacher_fd, 1e3 * teacher_seconds / 50),
-            ('student', 1, student_fd, 1e3 * student_grid_seconds / 50)]
-    print(f"\n{'':10s}{'NFE':>5s}{'FD ' + str(NUM_EVAL):>10s}{'ms/image':>10s}")
+    rows = [('teacher', teacher_meta.nfe, teacher_fd, 1e3 * teacher_seconds),
+            ('student', 1, student_fd, 1e3 * student_seconds)]
+    print(f"\n{'':10s}{'NFE':>5s}{'FD ' + str(NUM_EVAL):>10s}{'ms/image':>10s}   (median over the grid's rows)")
     for name, nfe, fd, ms in rows:
         print(f'{name:10s}{nfe:5d}{fd:10.2f}{ms:10.1f}')
     print(f"\nStudent FD / teacher FD = {student_fd / teacher_fd:.2f} after {train_seconds / 60:.1f} min "

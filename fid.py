@@ -118,9 +118,9 @@ def calc(image_path, network_pkl, ref_path, metric_names, num, seed, seeds, clas
         num_steps, allow_pickle_code, batch, detector, detector_url, device):
     """Compute FID (or --metrics) of generated images against a reference."""
     distributed.init()
-    cli.check_readable(network_pkl, '--network')
     if (image_path is None) == (network_pkl is None):
         raise click.UsageError('give exactly one of --images and --network')
+    cli.check_readable(network_pkl, '--network')
     if network_pkl is None and (seeds or class_idx is not None or sigma_init is not None or num_steps):
         raise click.UsageError('--seeds, --class, --sigma-init and --steps go with --network')
     if image_path is not None and not os.path.exists(image_path):

@@ -142,6 +142,8 @@ def main(network_pkl, outdir, seeds, class_idx, max_batch_size, grid_path, subdi
 
     keep = dict() # seed -> output, for samples.npy and the grid
     want_all = meta.is_vector or grid_path is not None
+    progress = dnnlib.util.Progress(len(my_batches), 'batches of this process', _echo0)
+    progress.update(0)
     for i, batch_seeds in enumerate(my_batches):
         out = sample(batch_seeds, class_idx).cpu()
         if meta.is_vector or out.ndim == 2:
@@ -153,7 +155,7 @@ def main(network_pkl, outdir, seeds, class_idx, max_batch_size, grid_path, subdi
                 sampling.save_image(image, _image_path(outdir, seed, subdirs))
                 if want_all:
                     keep[seed] = image.numpy()
-        _echo0(f'batch {i + 1}/{len(my_batches)}')
+        progress.update(i + 1)
 
     # Everything below needs every process's outputs: gather them on rank 0.
     if meta.is_vector or grid_path is not None:

@@ -20,7 +20,7 @@ __all__ = [
     "EasyDict", "make_cache_dir_path", "is_url", "open_url", "DownloadError",
     "get_module_from_obj_name", "get_obj_by_name", "call_func_by_name",
     "construct_class_by_name", "parse_int_list", "parse_range", "format_time",
-    "Logger",
+    "Progress", "Logger",
 ]
 
 # ---------------------------------------------------------------------------
@@ -442,6 +442,28 @@ def format_time(seconds):
     if s < 24 * 60 * 60:
         return f"{s // 3600}h {s // 60 % 60:02d}m"
     return f"{s // 86400}d {s // 3600 % 24:02d}h"
+
+
+class Progress:
+    """Progress lines with a count and an ETA for long work:
+    'what: 30/100 (30%), 12s elapsed, about 28s left'. The first and the last update always
+    print; the others at most every `interval` seconds, so logs stay short."""
+
+    def __init__(self, total, what, echo=print, interval=5.0):
+        self.total, self.what, self.echo, self.interval = max(int(total), 1), what, echo, interval
+        self.start = time.time()
+        self.last = None
+
+    def update(self, done):
+        now = time.time()
+        if done < self.total and self.last is not None and now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.start
+        line = f"{self.what}: {done}/{self.total} ({100 * done / self.total:.0f}%), {format_time(elapsed)} elapsed"
+        if 0 < done < self.total:
+            line += f", about {format_time(elapsed * (self.total - done) / done)} left"
+        self.echo(line)
 
 
 # ---------------------------------------------------------------------------

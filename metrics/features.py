@@ -10,11 +10,11 @@ An "extractor" is a function uint8 NCHW -> float64 [N, K] (a detector's `feature
 """
 
 import os
-import time
 
 import numpy as np
 import torch
 
+import dnnlib
 from refine.sampling import to_uint8
 from torch_utils import distributed
 
@@ -30,21 +30,18 @@ def _run(num, batch, load_batch, extractors, progress, what):
     """Run `extractors` ({key: fn}) over batches from `load_batch(slice) -> uint8 NCHW`."""
     local = dict() # batch index -> {key: array}
     mine = _my_batches(num, batch)
-    start = time.time()
+    bar = dnnlib.util.Progress(len(mine), f'{what}: batches of this process', progress) if progress else None
+    if bar is not None:
+        bar.update(0)
     for count, (index, rows) in enumerate(mine):
         images = load_batch(rows)
         local[index] = {key: fn(images) for key, fn in extractors.items()}
-        if progress is not None:
-            _report(progress, what, count, len(mine), start)
+        if bar is not None:
+            bar.update(count + 1)
     merged = dict()
     for part in distributed.all_gather_object(local):
         merged.update(part)
     return {key: np.concatenate([merged[i][key] for i in sorted(merged)]) for key in extractors}
-
-def _report(progress, what, count, total, start):
-    # Every batch for short jobs, about every 10% for long ones.
-    if total <= 10 or (count + 1) % max(total // 10, 1) == 0 or count + 1 == total:
-        progress(f'{what}: batch {count + 1}/{total} of this process, {time.time() - start:.1f} s')
 
 #----------------------------------------------------------------------------
 

@@ -248,7 +248,7 @@ def refinement_loop(
         distributed.barrier()
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
 
-    say('Done.')
+    say(f'Finished at {cur_nimg / 1e3:g} kimg.')
     return dnnlib.EasyDict(G=G, G_ema=G_ema, fake=fake, cur_nimg=cur_nimg, divergence_modules=extra)
 
 #----------------------------------------------------------------------------

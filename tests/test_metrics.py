@@ -508,7 +508,7 @@ def test_fid_calc_network_generates_on_the_fly(folders, fast, tiny_pkl):
     result = _run('calc', '--network', tiny_pkl, '--ref', root / 'a.npz', '--steps', 2, '--num', 16,
         '--detector', 'fast', '--batch', 6)
     got = float(_ok(result))
-    assert 'batch 3/3' in result.stderr
+    assert 'batches of this process: 3/3' in result.stderr
     # The same as generating seeds 0-15 with refine.generation and measuring them directly.
     sample, _ = generation.load_for_generation(tiny_pkl, sampler_kwargs=dict(num_steps=2))
     # Generated in the CLI's batches of 6 so that the uint8 images are the same; the features'

@@ -180,7 +180,7 @@ def training_loop(
         distributed.barrier()
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
 
-    say('Done.')
+    say(f'Finished at {cur_nimg / 1e3:g} kimg.')
     return dnnlib.EasyDict(net=net, ema=ema, loss_fn=loss_fn, cur_nimg=cur_nimg)
 
 #----------------------------------------------------------------------------
