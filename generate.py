@@ -137,6 +137,8 @@ def main(network_pkl, outdir, seeds, class_idx, max_batch_size, grid_path, subdi
     # Rank r takes every world_size-th batch, so the processes share the work evenly.
     batches = [seeds[i:i + max_batch_size] for i in range(0, len(seeds), max_batch_size)]
     my_batches = batches[distributed.get_rank()::distributed.get_world_size()]
+    if meta.get('note'):
+        _echo0(meta.note)
     _echo0(f'Generating {len(seeds)} samples ({meta.kind}, {meta.nfe} network calls each) '
         f'on {distributed.get_world_size()} process(es), device {device}...')
 

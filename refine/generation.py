@@ -6,8 +6,9 @@
   * a StyleGAN2/3 pickle (`G_ema` with mapping and synthesis), ours or NVlabs': one call of
     `G(z, c)` at truncation 1 and random noise unless told otherwise;
   * a SiD / Diff-Instruct one-step pickle (`ema`, used at a noise level `sigma_init`): one call
-    of `ema(sigma_init * z, sigma_init, c)`. An `ema` pickle is read this way only when
-    `sigma_init` is given, because nothing in the file tells it apart from a teacher.
+    of `ema(sigma_init * z, sigma_init, c)`. A Diff-Instruct pickle (it has `Sg`, the fake
+    score) is read this way at sigma_init 1; a bare `ema` pickle only when `sigma_init` is
+    given, because nothing in the file tells a SiD generator apart from a teacher.
 Every sample draws its latents (and random label) from a generator seeded with its own seed,
 so a seed gives the same output whatever batch or process it lands in.
 """
@@ -19,6 +20,8 @@ from refine import teachers_edm2
 from refine.sampling import StackedRandomGenerator, edm_sampler
 from torch_utils import safe_pickle
 from training import networks_generators
+
+DIFF_INSTRUCT_SIGMA_INIT = 1.0 # the generator's input noise level in Diff-Instruct's own code
 
 class GenerationError(ValueError):
     """A one-line problem a user can fix; `param` names the option at fault (without --)."""
@@ -173,6 +176,10 @@ def load_for_generation(path, allow_code=False, sigma_init=None, device='cpu', s
                 f'has: {keys}', param='sigma-init')
         raise GenerationError(f"{path} has neither 'G_ema' (a generator snapshot) nor 'ema' "
             f'(an EDM network); it has: {keys}', param='network')
+    # Diff-Instruct's one-step pickles are dict(ema=G, Sg=fake score): no teacher has an Sg.
+    diff_instruct = sigma_init is None and 'Sg' in data
+    if diff_instruct:
+        sigma_init = DIFF_INSTRUCT_SIGMA_INIT
     net = _module(data, 'ema', path)
     if teachers_edm2.is_edm2_network(net): # EDM2 snapshot: EDM's sampler, latents decoded
         net = teachers_edm2.EDM2SamplingNet(net)
@@ -183,7 +190,12 @@ def load_for_generation(path, allow_code=False, sigma_init=None, device='cpu', s
     meta = dnnlib.EasyDict(label_dim=int(net.label_dim), is_vector=False, network=net)
     if sigma_init is not None:
         meta.update(kind='one-step-edm', nfe=1)
+        if diff_instruct:
+            meta.note = (f"{path} is a Diff-Instruct one-step pickle (it has 'Sg'): one call at noise "
+                f'level {DIFF_INSTRUCT_SIGMA_INIT:g} (--sigma-init changes it)')
         return teachers_edm2.decoded_sampler(_one_step_edm_sampler(net, device, float(sigma_init)), data, device), meta
     sampler_kwargs = dict(sampler_kwargs or {})
-    meta.update(kind='edm-teacher', nfe=2 * sampler_kwargs.get('num_steps', 18) - 1)
+    meta.update(kind='edm-teacher', nfe=2 * sampler_kwargs.get('num_steps', 18) - 1,
+        note=f"{path}: sampling its 'ema' as an EDM teacher; if it is a SiD or Diff-Instruct one-step "
+            'generator, pass --sigma-init (SiD 2.5, Diff-Instruct 1.0)')
     return teachers_edm2.decoded_sampler(_teacher_sampler(net, device, sampler_kwargs), data, device), meta

@@ -126,6 +126,19 @@ def test_sigma_init_one_step(pkls, tmp_path):
     for seed in range(3):
         torch.testing.assert_close(got[seed:seed + 1], _one_step_expected(net, seed, 2.5), rtol=0, atol=1e-5)
 
+def test_diff_instruct_pickle_is_one_step_and_a_bare_ema_gets_a_hint(pkls, tmp_path):
+    # Diff-Instruct's own pickles are dict(ema=G, Sg=fake score): one call at sigma 1.
+    net = pkls['nets']['cond']
+    path = tmp_path / 'di.pkl'
+    persistence.save_network_pkl(dict(ema=net, Sg=_tiny_net(3, seed=5)), str(path))
+    result = _run('--network', path, '--outdir', tmp_path / 'di', '--seeds', '0-1')
+    assert result.exit_code == 0, result.output
+    assert "Diff-Instruct one-step pickle (it has 'Sg')" in result.stderr and '1 network calls' in result.stderr
+    for seed in range(2):
+        _assert_png_is(tmp_path / 'di' / f'{seed:06d}.png', _one_step_expected(net, seed, 1.0))
+    result = _run('--network', pkls['paths']['cond'], '--outdir', tmp_path / 't', '--seeds', '0', '--steps', '2')
+    assert result.exit_code == 0 and 'pass --sigma-init (SiD 2.5, Diff-Instruct 1.0)' in result.stderr
+
 def test_library_reports_teacher_nfe(pkls):
     _, meta = generation.load_for_generation(pkls['paths']['uncond'], sampler_kwargs=dict(num_steps=18))
     assert (meta.kind, meta.nfe, meta.label_dim, meta.is_vector) == ('edm-teacher', 35, 0, False)
