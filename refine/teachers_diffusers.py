@@ -56,7 +56,14 @@ def load_diffusers_teacher(path, device='cpu', timestep_mode=None, prompt_embeds
     """An EDMTeacher around a `DiffusersDenoiser` (and `.encoder` for latent pipelines)."""
     diffusers = networks_diffusers.import_diffusers()
     unet_sub, sched_sub, vae_sub, components = _layout(diffusers, path)
-    unet_config = diffusers.UNet2DModel.load_config(path, **_sub(unet_sub))
+    try:
+        unet_config = diffusers.UNet2DModel.load_config(path, **_sub(unet_sub))
+    except (OSError, ValueError):
+        if unet_sub is None:
+            raise
+        # A repo with model_index.json but the UNet's files at its top (older hub layouts).
+        unet_sub = sched_sub = None
+        unet_config = diffusers.UNet2DModel.load_config(path)
     unet_class = unet_config.get('_class_name', 'UNet2DModel')
     if unet_class not in SUPPORTED_UNETS:
         raise ValueError(f"its UNet is a {unet_class}; supported: {', '.join(SUPPORTED_UNETS)}")
