@@ -19,6 +19,32 @@ from torch.nn.functional import silu
 from torch_utils import persistence
 
 #----------------------------------------------------------------------------
+# How the layers compute, not what: process-wide settings that change speed and rounding (or,
+# for dropout, the random stream), never the model, and are never pickled.
+#   attention      'sdpa': torch's fused scaled_dot_product_attention (where it exists);
+#                  'matmul': NVlabs' explicit product and float32 softmax; 'auto': sdpa on
+#                  GPUs, matmul on CPUs.
+#   dropout        'uniform': keep where a 16-bit uniform draw >= p; 'bernoulli': F.dropout.
+#   channels_last  run the UNets in NHWC layout (oneDNN/cuDNN convolutions without reorders).
+# The defaults are the fastest on the CPUs and GPUs measured (docs/performance.md);
+# set_implementation(attention='matmul', dropout='bernoulli') computes exactly as NVlabs EDM.
+
+IMPLEMENTATION = dict(attention='auto', dropout='uniform', channels_last=False)
+_CHOICES = dict(attention=('auto', 'sdpa', 'matmul'), dropout=('uniform', 'bernoulli'), channels_last=(False, True))
+
+def set_implementation(**kwargs):
+    """Change IMPLEMENTATION entries (None leaves one as it is); returns the previous settings."""
+    previous = dict(IMPLEMENTATION)
+    for key, value in kwargs.items():
+        if key not in _CHOICES:
+            raise ValueError(f"unknown implementation setting '{key}' (choose from {', '.join(_CHOICES)})")
+        if value is not None:
+            if value not in _CHOICES[key]:
+                raise ValueError(f'{key} must be one of {_CHOICES[key]}, got {value!r}')
+            IMPLEMENTATION[key] = value
+    return previous
+
+#----------------------------------------------------------------------------
 # Weight initialisation: uniform or normal, scaled by fan-in (Kaiming) or fan-in + fan-out (Xavier).
 
 def weight_init(shape, mode, fan_in, fan_out):
@@ -127,6 +153,40 @@ def attention_weights(q, k):
     logits = torch.einsum('ncq,nck->nqk', q.to(torch.float32), scaled_k.to(torch.float32))
     return logits.softmax(dim=2).to(q.dtype)
 
+def attend(q, k, v):
+    """softmax_k(q·k / sqrt(C)) applied to v, over [N, C, L] tensors -> [N, C, Q].
+
+    'sdpa': torch's fused scaled_dot_product_attention (no [N, Q, K] matrix is kept for the
+    backward pass); 'matmul': NVlabs' explicit product and float32 softmax; 'auto': sdpa on
+    GPUs, matmul on CPUs (where MKL's batched products beat the fused kernel in float32)."""
+    impl = IMPLEMENTATION['attention']
+    if impl == 'auto':
+        impl = 'sdpa' if q.device.type == 'cuda' else 'matmul'
+    sdpa = getattr(torch.nn.functional, 'scaled_dot_product_attention', None)
+    if impl == 'sdpa' and sdpa is not None:
+        return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return torch.einsum('nqk,nck->ncq', attention_weights(q, k), v)
+
+def dropout_keep_mask(shape, p, device):
+    """Where to keep activations: 16-bit uniform integers (four per 64-bit draw) >= p * 2^16.
+    The drop rate is p rounded to a multiple of 2^-16 (0.13 -> 0.1300049); returns the mask and
+    that rate."""
+    threshold = int(round(p * 65536))
+    n = math.prod(shape)
+    words = torch.empty([(n + 3) // 4], dtype=torch.int64, device=device).random_(-2**63, 2**63 - 1)
+    keep = words.view(torch.int16)[:n].view(shape) >= threshold - 32768
+    return keep, threshold / 65536
+
+def apply_dropout(x, p, training):
+    """torch.nn.functional.dropout ('bernoulli'), or ('uniform') the same with a mask from
+    dropout_keep_mask: a few times cheaper to draw on CPUs, a different random stream."""
+    if IMPLEMENTATION['dropout'] != 'uniform' or not training or p == 0 or p == 1:
+        return torch.nn.functional.dropout(x, p=p, training=training)
+    keep, rate = dropout_keep_mask(x.shape, p, x.device)
+    if rate >= 1:
+        return x * 0
+    return torch.where(keep, x * (1 / (1 - rate)), 0)
+
 @persistence.persistent_class
 class UNetBlock(torch.nn.Module):
     """Residual block: GroupNorm-SiLU-Conv twice, conditioned on the embedding by a per-channel
@@ -178,15 +238,14 @@ class UNetBlock(torch.nn.Module):
         else:
             x = silu(self.norm1(x.add_(params)))
 
-        x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
+        x = self.conv1(apply_dropout(x, p=self.dropout, training=self.training))
         x = x.add_(self.skip(orig) if self.skip is not None else orig)
         x = x * self.skip_scale
 
         if self.num_heads:
             heads = x.shape[0] * self.num_heads
             q, k, v = self.qkv(self.norm2(x)).reshape(heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
-            w = attention_weights(q, k)
-            a = torch.einsum('nqk,nck->ncq', w, v)
+            a = attend(q, k, v)
             x = self.proj(a.reshape(*x.shape)).add_(x)
             x = x * self.skip_scale
         return x
@@ -328,6 +387,8 @@ class SongUNet(torch.nn.Module):
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        if IMPLEMENTATION['channels_last']:
+            x = x.contiguous(memory_format=torch.channels_last) # convolutions follow their input
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape) # [cos, sin] -> [sin, cos]
         if self.map_label is not None:
@@ -438,6 +499,8 @@ class DhariwalUNet(torch.nn.Module):
         self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        if IMPLEMENTATION['channels_last']:
+            x = x.contiguous(memory_format=torch.channels_last)
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -464,6 +527,12 @@ _UNETS = dict(SongUNet=SongUNet, DhariwalUNet=DhariwalUNet)
 # Preconditioners: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), the denoiser in the VE
 # convention x_noisy = x + sigma * n, whatever process the inner network was trained for.
 
+def _autocast_enabled(device_type):
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError: # torch < 2.4
+        return torch.is_autocast_enabled() if device_type == 'cuda' else torch.is_autocast_cpu_enabled()
+
 class _Precond(torch.nn.Module):
     """What the four preconditioners share: input handling and the output combination."""
     def _init_common(self, img_resolution, img_channels, label_dim, use_fp16, model_type,
@@ -489,7 +558,7 @@ class _Precond(torch.nn.Module):
 
     def _run_model(self, x, c_in, c_noise, class_labels, dtype, model_kwargs):
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
+        assert F_x.dtype == dtype or _autocast_enabled(x.device.type) # autocast: the caller's choice
         return F_x
 
     def round_sigma(self, sigma):
