@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from refine import generators, run, teachers, toy_metrics # pylint: disable=wrong-import-position
-from refine.sampling import save_scatter_png # pylint: disable=wrong-import-position
+from refine.plots import save_scatter_png # pylint: disable=wrong-import-position
 
 def parse_spec(spec):
     """'sid:alpha=0.5' -> ('sid', {'alpha': 0.5})."""
