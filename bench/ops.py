@@ -164,7 +164,7 @@ def refine_iteration(reps, threads):
             env = dict(os.environ, DI_CUSTOM_OPS='ref' if name == 'ref' else 'require', OMP_NUM_THREADS=str(threads))
             cmd = [sys.executable, os.path.join(ROOT, 'refine.py'), '--teacher',
                    os.path.join(ROOT, 'pretrained/edm-mnist32-cond.pkl'), '--gen', pkl, '--outdir', out,
-                   '--batch', '16', '--kimg', '0.128', '--tick', '0.032', '--metrics', 'none', '--snap', '1000']
+                   '--batch', '16', '--kimg', '0.128', '--tick', '0.032', '--snap', '1000']
             subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT)
             with open(next(os.path.join(r, 'stats.jsonl') for r, _, fs in os.walk(out) if 'stats.jsonl' in fs)) as f:
                 rows = [json.loads(line) for line in f]

@@ -291,7 +291,7 @@ def _classify(log_text):
         return f'compiler does not run ({found.group(1)} --version fails)'
     for pattern, reason in [(r'nvcc fatal|unsupported GNU version|CUDA version', 'nvcc/CUDA problem'),
                             (r'cannot find -l|undefined reference|undefined symbol', 'link error'),
-                            (r'^(?!.*collect2).*error', 'compile error')]:
+                            (r'^(?!\[\d)(?!.*collect2).*\berror\b ?:', 'compile error')]:  # Not ninja's command lines.
         match = re.search(f'^.*(?:{pattern}).*$', log_text, re.MULTILINE)
         if match:
             return f'{reason}: {match.group(0).strip()[:200]}'
