@@ -109,6 +109,23 @@ def test_class_conditional_unet_and_nearest_timesteps(tmp_path):
     with pytest.raises(ValueError, match='class-conditional'):
         net(x, sigma)
 
+def test_bare_model_folder_and_clean_errors(tmp_path):
+    unet = tiny_unet(seed=8)
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=100, prediction_type='v_prediction')
+    unet.save_pretrained(tmp_path / 'bare') # config.json + weights
+    scheduler.save_pretrained(tmp_path / 'bare') # scheduler_config.json beside them
+    teacher = teachers.load_teacher(f'diffusers:{tmp_path / "bare"}')
+    assert teacher.net.prediction_type == 'v_prediction' and teacher.net.num_train_timesteps == 100
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.1, 2.0])
+    with torch.no_grad():
+        s = sigma.reshape(-1, 1, 1, 1)
+        m = unet(x / (1 + s ** 2).sqrt(), teacher.net.sigma_to_t(sigma)).sample
+        assert _rel(teacher(x, sigma), x / (1 + s ** 2) - s * m / (1 + s ** 2).sqrt()) < 1e-5
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError) as info:
+        teachers.load_teacher(f'diffusers:{tmp_path / "empty"}')
+    assert 'neither model_index.json' in str(info.value) and '\n' not in str(info.value)
+
 #----------------------------------------------------------------------------
 # Samplers through the wrapper against diffusers' own.
 
