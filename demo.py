@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dnnlib # pylint: disable=wrong-import-position
 from metrics import registry # pylint: disable=wrong-import-position
-from refine import generation, run, sampling # pylint: disable=wrong-import-position
+from refine import generation, run # pylint: disable=wrong-import-position
+from torch_utils.images import save_side_by_side # pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEACHER = os.path.join(HERE, 'pretrained', 'edm-mnist32-cond.pkl')
@@ -73,7 +74,7 @@ def main(kimg, outdir):
         teacher_grid, teacher_seconds = class_rows(teacher, 5, 'teacher rows')
         student_grid, student_seconds = class_rows(student, 5, 'student rows')
     grid_path = os.path.join(run_dir, 'teacher-vs-student.png')
-    sampling.save_side_by_side([teacher_grid, student_grid], grid_path, grid_w=5)
+    save_side_by_side([teacher_grid, student_grid], grid_path, grid_w=5)
 
     reference = {}
     if os.path.isfile(TEACHER_REFERENCE):

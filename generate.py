@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 import dnnlib
-from refine import generation, sampling
+from refine import generation
+from refine.plots import save_scatter_png
+from torch_utils.images import save_image, save_image_grid, to_uint8
 from torch_utils import cli, distributed
 
 def _parse_seeds(_ctx, _param, value):
@@ -152,9 +154,9 @@ def main(network_pkl, outdir, seeds, class_idx, max_batch_size, grid_path, subdi
             meta.is_vector = True
             keep.update({seed: v.to(torch.float32).numpy() for seed, v in zip(batch_seeds, out)})
         else:
-            images = sampling.to_uint8(out)
+            images = to_uint8(out)
             for seed, image in zip(batch_seeds, images):
-                sampling.save_image(image, _image_path(outdir, seed, subdirs))
+                save_image(image, _image_path(outdir, seed, subdirs))
                 if want_all:
                     keep[seed] = image.numpy()
         progress.update(i + 1)
@@ -173,11 +175,11 @@ def _write_collected(stacked, is_vector, outdir, grid_path):
         os.makedirs(os.path.dirname(grid_path), exist_ok=True)
     if is_vector:
         _save_npy_atomically(stacked, os.path.join(outdir, 'samples.npy'))
-        sampling.save_scatter_png(stacked, os.path.join(outdir, 'scatter.png'))
+        save_scatter_png(stacked, os.path.join(outdir, 'scatter.png'))
         if grid_path is not None: # the scatter plot is the "grid" of vector data
-            sampling.save_scatter_png(stacked, grid_path)
+            save_scatter_png(stacked, grid_path)
     else:
-        sampling.save_image_grid(torch.from_numpy(stacked), grid_path)
+        save_image_grid(torch.from_numpy(stacked), grid_path)
 
 if __name__ == '__main__':
     main() # pylint: disable=no-value-for-parameter

@@ -69,8 +69,10 @@ def saved_options(run_dir, ctx):
                 raise click.BadParameter(f'{path}: div_opt must be an object', param_hint='--resume')
             checked[key] = value or {}
         elif key in params:
-            try:
-                checked[key] = None if value is None else params[key].type.convert(value, params[key], ctx)
+            try: # the flag's type, not its range: a resolved value may be outside it (vardiu's 0 fake steps)
+                kind = params[key].type
+                kind = click.INT if isinstance(kind, click.IntRange) else cli.FiniteFloat() if isinstance(kind, click.FloatRange) else kind
+                checked[key] = None if value is None else kind.convert(value, params[key], ctx)
             except click.BadParameter as e:
                 raise click.BadParameter(f'{path}: {key}: {e.message}', param_hint='--resume') from None
         elif key in run.DEFAULTS: # a library-side setting without a flag: its default's type

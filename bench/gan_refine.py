@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from metrics import registry # pylint: disable=wrong-import-position
-from refine import generation, run, sampling # pylint: disable=wrong-import-position
+from refine import generation, run # pylint: disable=wrong-import-position
+from torch_utils.images import save_image_grid, save_side_by_side # pylint: disable=wrong-import-position
 from torch_utils import distributed, train_utils # pylint: disable=wrong-import-position
 
 def measure(pkl, metric_names, ref, num, device):
@@ -107,8 +108,8 @@ def main(gan, teacher, outdir, divergence, kimg, batch, glr, lr, ema, fake_warmu
 
     grids = [class_grid(pkl, device) for pkl in (gan, refined)]
     for name, images in zip(('before', 'after'), grids):
-        sampling.save_image_grid(images, os.path.join(run_dir, f'{name}.png'), grid_w=10)
-    sampling.save_side_by_side(grids, os.path.join(run_dir, 'before-after.png'), grid_w=10)
+        save_image_grid(images, os.path.join(run_dir, f'{name}.png'), grid_w=10)
+    save_side_by_side(grids, os.path.join(run_dir, 'before-after.png'), grid_w=10)
 
     refined_kimg = json.loads(open(os.path.join(run_dir, 'stats.jsonl')).readlines()[-1])['kimg']
     result = dict(gan=gan, teacher=teacher, divergence=divergence, kimg=refined_kimg, batch=batch, glr=glr,

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from metrics import registry # pylint: disable=wrong-import-position
-from refine import generation, run, sampling # pylint: disable=wrong-import-position
+from refine import generation, run # pylint: disable=wrong-import-position
+from refine.plots import save_curve_png # pylint: disable=wrong-import-position
 from torch_utils import train_utils # pylint: disable=wrong-import-position
 
 FAST_STATS = 'pretrained/mnist-train60k-fast.npz'
@@ -60,7 +61,7 @@ def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, e
     kimgs = [r['kimg'] for r in curve]
     fds = [r['results']['fd5k'] for r in curve]
     hlines = {'teacher, 35 NFE': teacher_metrics['fd5000']} if 'fd5000' in teacher_metrics else {}
-    sampling.save_curve_png({f'student ({divergence}, 1 NFE)': (kimgs, fds)}, os.path.join(run_dir, 'curve.png'),
+    save_curve_png({f'student ({divergence}, 1 NFE)': (kimgs, fds)}, os.path.join(run_dir, 'curve.png'),
         hlines=hlines, title='MNIST one-step distillation: FD (fast detector, 5000 samples) vs kimg',
         xlabel='kimg', ylabel='FD', log_y=True)
     stats = read_jsonl(os.path.join(run_dir, 'stats.jsonl'))

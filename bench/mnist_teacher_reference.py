@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from metrics import registry # pylint: disable=wrong-import-position
-from refine import generation, sampling # pylint: disable=wrong-import-position
+from refine import generation # pylint: disable=wrong-import-position
+from torch_utils.images import save_image, to_uint8 # pylint: disable=wrong-import-position
 
 def generate_missing(pkl, outdir, num, batch, log=print):
     """PNGs 000000.png ... for seeds 0..num-1 that are not there yet; returns seconds per image
@@ -35,8 +36,8 @@ def generate_missing(pkl, outdir, num, batch, log=print):
     start = time.time()
     for i in range(0, len(todo), batch):
         seeds = todo[i:i + batch]
-        for seed, image in zip(seeds, sampling.to_uint8(sample(seeds).cpu())):
-            sampling.save_image(image, os.path.join(outdir, f'{seed:06d}.png'))
+        for seed, image in zip(seeds, to_uint8(sample(seeds).cpu())):
+            save_image(image, os.path.join(outdir, f'{seed:06d}.png'))
         done = min(i + batch, len(todo))
         log(f'{num - len(todo) + done}/{num} samples ({meta.nfe} NFE), '
             f'{(time.time() - start) / done:.3f} s/image')

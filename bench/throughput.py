@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from refine import generators, noise, teachers # pylint: disable=wrong-import-position
 from refine.divergences import make_divergence # pylint: disable=wrong-import-position
-from refine.rng import StreamRandom # pylint: disable=wrong-import-position
+from torch_utils.rng import StreamRandom # pylint: disable=wrong-import-position
 from training import networks_edm # pylint: disable=wrong-import-position
 
 # The tiny EDM configuration of the closing notes: MNIST-sized, class-conditional.

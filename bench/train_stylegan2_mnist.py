@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib # pylint: disable=wrong-import-position
-from refine import sampling # pylint: disable=wrong-import-position
+from torch_utils.images import save_image_grid # pylint: disable=wrong-import-position
 from torch_utils import persistence, train_utils # pylint: disable=wrong-import-position
 from training import networks_stylegan2 as sg2 # pylint: disable=wrong-import-position
 from training.conv_discriminator import ConvDiscriminator # pylint: disable=wrong-import-position
@@ -210,7 +210,7 @@ def main(data, outdir, kimg, batch, lr, dlr, mbstd_group, g_arch, d_type, d_arch
                 for k, v in snapshot.items()}
             persistence.save_network_pkl(snapshot, os.path.join(outdir, f'network-snapshot-{kimg_done:06d}.pkl'))
             with torch.no_grad():
-                sampling.save_image_grid(G_ema(grid_z, grid_c, noise_mode='const'),
+                save_image_grid(G_ema(grid_z, grid_c, noise_mode='const'),
                     os.path.join(outdir, f'samples-{kimg_done:06d}.png'), grid_w=10)
             if fd_ref is not None:
                 fd = snapshot_fd(G_ema, fd_ref, device)

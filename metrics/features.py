@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import dnnlib
-from refine.sampling import to_uint8
+from torch_utils.images import to_uint8
 from torch_utils import distributed
 
 class SourceError(ValueError):

@@ -40,7 +40,7 @@ from metrics import detectors as detectors_mod
 from metrics import features as features_mod
 from metrics import metrics as metrics_mod
 from metrics import stats as stats_mod
-from refine.sampling import StackedRandomGenerator
+from torch_utils.rng import StackedRandomGenerator
 from torch_utils import distributed
 from torch_utils.training_stats import append_jsonl as _append_jsonl
 

@@ -17,7 +17,8 @@ import torch
 
 import dnnlib
 from refine import teachers_edm2
-from refine.sampling import StackedRandomGenerator, edm_sampler
+from torch_utils.rng import StackedRandomGenerator
+from training.sampler import edm_sampler
 from torch_utils import safe_pickle
 from training import networks_generators
 

@@ -3,7 +3,7 @@
 It knows nothing about any particular divergence, teacher or generator: it is handed
 constructed objects and talks to them only through G(z, c), teacher/fake D(x, sigma, c) and the
 Divergence methods. Everything is counted in generator images (kimg). All random draws come
-from refine.rng, so a resumed run or a torchrun run reproduces one uninterrupted process.
+from torch_utils.rng, so a resumed run or a torchrun run reproduces one uninterrupted process.
 
 Optional divergence hooks (duck-typed: a divergence defines only those it needs, and the loop
 has no code for any particular one):
@@ -28,8 +28,11 @@ import time
 import torch
 
 import dnnlib
-from refine.rng import StreamRandom, derive_seed
+from refine import speed
+from refine.plots import save_scatter_png
 from torch_utils import distributed, persistence, train_utils, training_stats
+from torch_utils.images import save_image_grid
+from torch_utils.rng import StreamRandom, derive_seed
 
 def refinement_loop(
     run_dir,                        # Output directory (exists).
@@ -57,6 +60,12 @@ def refinement_loop(
     log                 = print,    # Progress output (rank 0 decides to print).
     on_tick             = None,     # Callback(EasyDict) at the end of every tick, main process only.
     on_snapshot         = None,     # Callback(G_ema, snapshot_path, kimg) after each snapshot, every process (metrics).
+    reuse_samples       = True,     # The generator update goes first; its samples (detached) feed the first fake-score update.
+    amp                 = 'auto',   # bf16 autocast: 'off', 'nograd', 'loss', 'all' or 'auto' (refine/speed.py).
+    compile             = False,    # torch.compile the networks' calls: True (inductor) or a backend name.
+    fused_optim         = True,     # Fused Adam steps and a foreach EMA.
+    tf32                = True,     # TF32 products and convolutions on GPUs.
+    timer               = None,     # Callable(phase_name) -> context manager around each phase (bench/throughput.py).
 ):
     device = distributed.device()
     rank, world = distributed.get_rank(), distributed.get_world_size()
@@ -75,8 +84,10 @@ def refinement_loop(
     for module in (G, fake):
         distributed.broadcast_module(module)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    g_opt = torch.optim.Adam(g_params, lr=g_lr, betas=betas, eps=1e-8)
-    f_opt = torch.optim.Adam(fake.parameters(), lr=f_lr, betas=betas, eps=1e-8)
+    levers = speed.Levers(device, divergence, amp=amp, compile=compile, fused_optim=fused_optim, tf32=tf32, timer=timer)
+    G_call, fake_call, teacher_call = levers.call(G), levers.call(fake), levers.call(teacher)
+    g_opt = levers.adam(g_params, lr=g_lr, betas=betas)
+    f_opt = levers.adam(fake.parameters(), lr=f_lr, betas=betas)
     label_dim = getattr(G, 'label_dim', 0)
 
     # Divergence-owned trainable modules (an encoder, a density-ratio head, ...), if any.
@@ -94,7 +105,7 @@ def refinement_loop(
     x_opt = None
     if extra:
         x_lr = getattr(divergence, 'module_lr', None) or (g_lr if extra_phase == 'generator' else f_lr)
-        x_opt = torch.optim.Adam([p for m in extra for p in m.parameters()], lr=x_lr, betas=betas, eps=1e-8)
+        x_opt = levers.adam([p for m in extra for p in m.parameters()], lr=x_lr, betas=betas)
     x_group = [(extra, x_opt)] if extra else []
     uses_latents = getattr(divergence, 'uses_latents', False)
 
@@ -151,25 +162,38 @@ def refinement_loop(
     while not done:
         if hasattr(divergence, 'set_progress'):
             divergence.set_progress(cur_nimg)
-        # Fake-score updates on detached generator samples.
-        for k in range(divergence.fake_steps):
-            def fake_round(r, k=k):
-                rnd = draws(cur_nimg, f'fake{k}', r)
-                z, c = rnd.randn(*G.z_shape), rnd.labels(label_dim)
-                with torch.no_grad():
-                    G.eval()
-                    x_g = G(z, c)
-                    G.train()
-                loss = divergence.fake_loss(fake, x_g, c, rnd)
-                training_stats.report('loss_fake', loss)
-                return loss
-            fake.train()
-            accumulate_and_step([([fake], f_opt)] + (x_group if extra_phase == 'fake' else []), fake_round)
-
-        # Generator update, once the fake score has warmed up on the generator's samples: it
-        # starts as the teacher, so until it has learnt p_G its difference from the teacher is
-        # noise (a GAN being refined starts far from the teacher's distribution).
+        # The generator update waits until the fake score has warmed up on the generator's
+        # samples: it starts as the teacher, so until it has learnt p_G its difference from the
+        # teacher is noise (a GAN being refined starts far from the teacher's distribution).
         warming_up = cur_nimg < fake_warmup_kimg * 1000
+        # With reuse_samples the generator update goes first and its samples, detached, are the
+        # first fake-score update's (which still makes its own draws, so its σ and noise are the
+        # same as without): one generator forward fewer, and the generator sees a fake score one
+        # update older (docs/performance.md).
+        reuse = reuse_samples and not warming_up and divergence.fake_steps > 0
+        kept = {} # accumulation round -> (detached samples, labels) of the generator update
+
+        def fake_round(r, k):
+            rnd = draws(cur_nimg, f'fake{k}', r)
+            z, c = rnd.randn(*G.z_shape), rnd.labels(label_dim)
+            if k == 0 and r in kept:
+                x_g, c = kept.pop(r)
+            else:
+                with torch.no_grad(), levers.precision('generator'):
+                    G.eval()
+                    x_g = G_call(z, c)
+                    G.train()
+            with levers.precision('fake'):
+                loss = divergence.fake_loss(fake_call, x_g, c, rnd)
+            training_stats.report('loss_fake', loss)
+            return loss
+
+        def fake_updates(): # on detached generator samples
+            for k in range(divergence.fake_steps):
+                fake.train()
+                accumulate_and_step([([fake], f_opt)] + (x_group if extra_phase == 'fake' else []),
+                    lambda r, k=k: fake_round(r, k))
+
         def gen_round(r):
             rnd = draws(cur_nimg, 'gen', r)
             if hasattr(divergence, 'draw_latents'):
@@ -178,18 +202,32 @@ def refinement_loop(
                 z = rnd.randn(*G.z_shape)
             c = rnd.labels(label_dim)
             kwargs = dict(z=z) if uses_latents else {}
-            loss, gen_stats = divergence.generator_loss(teacher, fake, G(z, c), c, rnd, **kwargs)
+            with levers.precision('generator'):
+                x_g = G_call(z, c)
+            if reuse:
+                kept[r] = (x_g.detach(), c)
+            with levers.precision('loss'):
+                loss, gen_stats = divergence.generator_loss(teacher_call, fake_call, x_g, c, rnd, **kwargs)
             training_stats.report('loss_gen', loss)
             for name, value in gen_stats.items():
                 training_stats.report(name, value)
             return loss
+
+        if not reuse:
+            with levers.phase('fake'):
+                fake_updates()
         if not warming_up:
-            fake.eval()
-            accumulate_and_step([([G], g_opt)] + (x_group if extra_phase == 'generator' else []), gen_round)
+            with levers.phase('generator'):
+                fake.eval()
+                accumulate_and_step([([G], g_opt)] + (x_group if extra_phase == 'generator' else []), gen_round)
+        if reuse:
+            with levers.phase('fake'):
+                fake_updates()
         cur_nimg += batch_size
 
         # EMA by half-life in images, ramped up early in training.
-        train_utils.update_ema(G_ema, G, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup)
+        with levers.phase('ema'):
+            levers.update_ema(G_ema, G, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup)
 
         done = cur_nimg >= total_kimg * 1000
         if not done and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
@@ -267,11 +305,10 @@ def save_snapshot(path, G_ema, G, fake, extra):
 
 def save_sample_png(G, z, c, path, decoder=None, components=None):
     """A grid of G's samples; `decoder` (a latent teacher's encoder) turns latents into images."""
-    from refine import sampling # pylint: disable=import-outside-toplevel
     with torch.no_grad():
         x = G(z, c)
         x = (decoder.decode(x) if decoder is not None else x).cpu()
     if getattr(G, 'is_vector', False):
-        sampling.save_scatter_png(x[:, :2].numpy(), path, components=components)
+        save_scatter_png(x[:, :2].numpy(), path, components=components)
     else:
-        sampling.save_image_grid(x, path)
+        save_image_grid(x, path)

@@ -13,7 +13,7 @@ import torch
 
 import dnnlib
 from refine import run, toy_metrics
-from refine.sampling import save_scatter_png
+from refine.plots import save_scatter_png
 
 def noise_floor(teacher, n, seed=0, pairs=3):
     """Mean MMD between independent exact sample sets of size n (what a perfect student scores)."""

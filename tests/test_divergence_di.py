@@ -5,7 +5,7 @@ import torch
 
 from refine import noise
 from refine.divergences import make_divergence
-from refine.rng import StreamRandom
+from torch_utils.rng import StreamRandom
 from refine.teachers import GMMTeacher
 
 

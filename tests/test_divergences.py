@@ -12,7 +12,7 @@ from torch.autograd.functional import vjp
 
 from refine import noise
 from refine.divergences import DIVERGENCES, make_divergence
-from refine.rng import StreamRandom
+from torch_utils.rng import StreamRandom
 from refine.teachers import GMMTeacher
 from tests.scripts import load_script
 
@@ -406,7 +406,7 @@ def test_divergence_modules_resume_exactly(tmp_path):
 
 def test_div_opt_errors_are_clean(tmp_path):
     result = _cli([*RING, '--divergence', 'sid', '--div-opt', 'alpah=1', '--outdir', str(tmp_path)])
-    assert result.exit_code != 0 and "no option 'alpah'" in result.output and 'alpha' in result.output
+    assert result.exit_code != 0 and "alpah: divergence 'sid' has no such option" in result.output and 'alpha' in result.output
     result = _cli([*RING, '--divergence', 'sid', '--div-opt', 'alpha', '--outdir', str(tmp_path)])
     assert result.exit_code != 0 and 'KEY=VALUE' in result.output
     result = _cli([*RING, '--divergence', 'vardiu', '--fake-steps', '2', '--outdir', str(tmp_path)])
@@ -414,9 +414,14 @@ def test_div_opt_errors_are_clean(tmp_path):
     assert 'Traceback' not in result.output and not os.listdir(tmp_path)
 
 def test_div_opt_values_and_method_sigma_init():
+    from refine.divergences import coerce_options # pylint: disable=import-outside-toplevel
     cli = _load_cli()
-    assert cli.parse_div_opts(['alpha=1', 'f=js', 'normalise=false', 'huber_c=3e-2', 'x=None']) == \
-        dict(alpha=1, f='js', normalise=False, huber_c=0.03, x=None)
+    raw = cli.parse_div_opts(['alpha=1', 'normalise=false', 'tmax=7e2'])
+    assert raw == dict(alpha='1', normalise='false', tmax='7e2') # typed by the divergence's defaults:
+    assert coerce_options('sid', raw) == dict(alpha=1.0, normalise=False, tmax=700.0)
+    assert coerce_options('fdiv', dict(f='js')) == dict(f='js')
+    assert coerce_options('di', dict(gen_sigma_kwargs='None')) == dict(gen_sigma_kwargs=None)
+    assert coerce_options('sid', dict(alpha=1.5, normalise=True)) == dict(alpha=1.5, normalise=True) # JSON values
     from refine import run # pylint: disable=import-outside-toplevel
     for name, expected in [('di', 1.0), ('sid', 2.5), ('sim', 2.5), ('dmd', 80.0), ('fdiv', 80.0), ('vardiu', 1.0)]:
         o = run.resolve_options(dict(teacher='edm.pkl', gen='teacher', divergence=name))

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 import generate
 from refine import generation
-from refine.sampling import edm_sampler, to_uint8
+from training.sampler import edm_sampler
+from torch_utils.images import to_uint8
 from torch_utils import persistence
 from training.networks_edm import EDMPrecond
 

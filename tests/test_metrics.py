@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import fid
 from metrics import detectors, features, metrics, registry, stats
 from refine import generation
-from refine.sampling import to_uint8
+from torch_utils.images import to_uint8
 from torch_utils import persistence
 from training.networks_edm import EDMPrecond
 

@@ -335,7 +335,7 @@ def test_latent_edm2_teacher_end_to_end(tmp_path):
     import fid # pylint: disable=import-outside-toplevel
     import PIL.Image # pylint: disable=import-outside-toplevel
     from refine import teachers # pylint: disable=import-outside-toplevel
-    from refine.sampling import StackedRandomGenerator # pylint: disable=import-outside-toplevel
+    from torch_utils.rng import StackedRandomGenerator # pylint: disable=import-outside-toplevel
     from tests.refine_checks import refine_snapshot_resume_generate # pylint: disable=import-outside-toplevel
     vae = tiny_vae(tmp_path / 'vae')
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from metrics import detectors, stats
-from refine import generation, sampling
+from refine import generation
+from torch_utils.images import to_uint8
 from torch_utils import safe_pickle
 from training import networks_edm
 
@@ -30,7 +31,7 @@ def test_teacher_draws_the_requested_digits():
     sample, meta = generation.load_for_generation(TEACHER)
     assert meta.nfe == 35
     images = torch.cat([sample(list(range(100 + 5 * k, 105 + 5 * k)), k) for k in range(10)])
-    probs = detectors.load_detector('fast').probabilities(sampling.to_uint8(images))
+    probs = detectors.load_detector('fast').probabilities(to_uint8(images))
     predicted = probs.argmax(axis=1)
     wanted = np.repeat(np.arange(10), 5)
     assert (predicted == wanted).mean() >= 0.7, predicted

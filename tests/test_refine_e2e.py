@@ -4,6 +4,7 @@ on its snapshot, and torchrun with 2 processes giving the same generator as 1.""
 import glob
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -32,6 +33,11 @@ def teacher_pkl(tmp_path_factory):
     path = tmp_path_factory.mktemp('teacher') / 'teacher.pkl'
     persistence.save_network_pkl(dict(ema=net.eval().requires_grad_(False)), path)
     return str(path)
+
+def _free_port():
+    with socket.socket() as sock: # a fixed port collides with any other torchrun on the machine
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
 
 def _refine(args):
     result = CliRunner().invoke(_load_cli().main, args, catch_exceptions=False)
@@ -122,7 +128,7 @@ def test_torchrun_two_processes_match_one(teacher_pkl, tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-        '--master_port=29517', 'refine.py', '--outdir', str(tmp_path / 'two'), *args],
+        f'--master_port={_free_port()}', 'refine.py', '--outdir', str(tmp_path / 'two'), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert 'over 2 process(es)' in two.stdout

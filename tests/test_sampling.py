@@ -11,8 +11,10 @@ import PIL.Image
 import pytest
 import torch
 
-from refine import sampling
-from refine.sampling import StackedRandomGenerator, edm_sampler, karras_sigmas
+from refine.plots import CURVE_COLOURS, save_curve_png, save_scatter_png
+from torch_utils.images import save_image_grid, save_side_by_side, to_uint8
+from torch_utils.rng import StackedRandomGenerator
+from training.sampler import edm_sampler, karras_sigmas
 from torch_utils import distributed, training_stats
 
 @pytest.fixture(autouse=True)
@@ -163,15 +165,15 @@ def test_sampler_batch_independent_with_unet():
 def test_to_uint8_is_the_edm_conversion():
     x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.999, 1.0, 3.0])
     expected = np.clip(x.numpy() * 127.5 + 128, 0, 255).astype(np.uint8)
-    assert sampling.to_uint8(x).dtype == torch.uint8
-    assert sampling.to_uint8(x).tolist() == expected.tolist() == [0, 0, 64, 128, 255, 255, 255]
+    assert to_uint8(x).dtype == torch.uint8
+    assert to_uint8(x).tolist() == expected.tolist() == [0, 0, 64, 128, 255, 255, 255]
 
 @pytest.mark.parametrize('channels', [1, 3])
 def test_save_image_grid_layout(tmp_path, channels):
     n, h, w = 5, 3, 4
     images = torch.arange(n, dtype=torch.uint8).mul(40).reshape(n, 1, 1, 1).expand(n, channels, h, w)
     path = tmp_path / 'grid.png'
-    sampling.save_image_grid(images, str(path), grid_w=2)
+    save_image_grid(images, str(path), grid_w=2)
     with PIL.Image.open(path) as im:
         assert im.size == (2 * w, 3 * h) and im.mode == ('L' if channels == 1 else 'RGB')
         arr = np.asarray(im).reshape(3 * h, 2 * w, -1)
@@ -183,14 +185,14 @@ def test_save_image_grid_layout(tmp_path, channels):
 
 def test_save_image_grid_accepts_float_images(tmp_path):
     path = tmp_path / 'g.png'
-    sampling.save_image_grid(torch.zeros(4, 3, 2, 2) - 1, str(path))
+    save_image_grid(torch.zeros(4, 3, 2, 2) - 1, str(path))
     with PIL.Image.open(path) as im:
         assert im.size == (4, 4) and np.asarray(im).max() == 0
 
 def test_save_scatter_png(tmp_path):
     path = tmp_path / 's.png'
     pts = np.array([[0.0, 0.0], [1.0, 2.0], [np.nan, 1.0]])
-    sampling.save_scatter_png(pts, str(path))
+    save_scatter_png(pts, str(path))
     with PIL.Image.open(path) as im:
         assert im.size == (512, 512) and im.mode == 'RGB'
         arr = np.asarray(im)
@@ -200,7 +202,7 @@ def test_save_side_by_side_places_each_grid_and_a_grey_gap(tmp_path):
     left = torch.full([4, 1, 2, 3], 10, dtype=torch.uint8)
     right = torch.full([2, 1, 2, 3], 200, dtype=torch.uint8) # one row fewer: padded with black
     path = tmp_path / 'pair.png'
-    sampling.save_side_by_side([left, right], str(path), grid_w=2, gap=5)
+    save_side_by_side([left, right], str(path), grid_w=2, gap=5)
     with PIL.Image.open(path) as im:
         arr = np.asarray(im)
     assert arr.shape == (4, 6 + 5 + 6)
@@ -209,13 +211,13 @@ def test_save_side_by_side_places_each_grid_and_a_grey_gap(tmp_path):
 
 def test_save_curve_png_draws_series_and_reference_line(tmp_path):
     path = tmp_path / 'curve.png'
-    sampling.save_curve_png({'student': ([0, 1, 2], [300.0, 100.0, 50.0])}, str(path),
+    save_curve_png({'student': ([0, 1, 2], [300.0, 100.0, 50.0])}, str(path),
         hlines={'teacher': 80.0}, xlabel='kimg', ylabel='FD', log_y=True)
     with PIL.Image.open(path) as im:
         arr = np.asarray(im)
     assert arr.shape == (400, 640, 3)
-    blue = (arr == sampling.CURVE_COLOURS[0]).all(axis=2)
-    red = (arr == sampling.CURVE_COLOURS[1]).all(axis=2)
+    blue = (arr == CURVE_COLOURS[0]).all(axis=2)
+    red = (arr == CURVE_COLOURS[1]).all(axis=2)
     assert blue.sum() > 100 and red.sum() > 100
     # The dashed teacher line is horizontal: its pixels inside the frame share a few rows only.
     rows = np.nonzero(red[:, 100:400].any(axis=1))[0] # left of the legend

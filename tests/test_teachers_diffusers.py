@@ -18,7 +18,7 @@ import torch
 diffusers = pytest.importorskip('diffusers')
 
 from refine import teachers # pylint: disable=wrong-import-position
-from refine.sampling import edm_sampler # pylint: disable=wrong-import-position
+from training.sampler import edm_sampler # pylint: disable=wrong-import-position
 from tests.refine_checks import refine_snapshot_resume_generate # pylint: disable=wrong-import-position
 from torch_utils import safe_pickle # pylint: disable=wrong-import-position
 from training import networks_diffusers, networks_generators # pylint: disable=wrong-import-position

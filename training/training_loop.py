@@ -18,14 +18,16 @@ import time
 import torch
 
 import dnnlib
-from refine.rng import derive_seed
 from torch_utils import distributed, misc, persistence, train_utils, training_stats
+from torch_utils.images import save_image_grid
+from torch_utils.rng import StackedRandomGenerator, derive_seed
+from training.sampler import edm_sampler
 
 class GlobalBatchSlices(torch.utils.data.Sampler):
     """This process's slice of each global batch, one list of indices per accumulation round.
 
     Every process walks the same global stream of indices (skipping the `start` images already
-    trained on) and takes part `rank * rounds + r` of each batch, as refine.rng does for noise.
+    trained on) and takes part `rank * rounds + r` of each batch, as torch_utils.rng does for noise.
     """
 
     def __init__(self, dataset, seed, start, batch_size, rank, world, rounds):
@@ -188,12 +190,11 @@ def training_loop(
 @torch.no_grad()
 def save_sample_grid(net, path, num=64, num_steps=18, device='cpu'):
     """Heun samples of fixed seeds 0..num-1, seed i of class i % label_dim, in one PNG."""
-    from refine import sampling # pylint: disable=import-outside-toplevel
     seeds = list(range(num))
-    rnd = sampling.StackedRandomGenerator(device, seeds)
+    rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([num, net.img_channels, net.img_resolution, net.img_resolution])
     labels = None
     if net.label_dim:
         labels = torch.eye(net.label_dim, device=device)[torch.arange(num, device=device) % net.label_dim]
-    images = sampling.edm_sampler(net, latents, labels, num_steps=num_steps)
-    sampling.save_image_grid(images.cpu(), path, grid_w=net.label_dim or None) # a column per class
+    images = edm_sampler(net, latents, labels, num_steps=num_steps)
+    save_image_grid(images.cpu(), path, grid_w=net.label_dim or None) # a column per class

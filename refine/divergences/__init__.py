@@ -63,12 +63,16 @@ def coerce_option(name, key, value):
         if isinstance(value, bool) or (text is not None and text.lower() in _TRUE + _FALSE and not text.isdigit()):
             raise ValueError(f'{where}: expected a number, not a truth value')
         try:
-            number = float(value) if isinstance(default, float) else int(text if text is not None else value)
+            number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected {'a number' if isinstance(default, float) else 'an integer'}") from None
-        if isinstance(default, float) and not math.isfinite(number):
-            raise ValueError(f'{where}: expected a finite number')
-        return number
+            number = None
+        if number is None or not math.isfinite(number):
+            raise ValueError(f"{where}: expected a finite number")
+        if isinstance(default, float):
+            return number
+        if number != int(number):
+            raise ValueError(f'{where}: expected an integer')
+        return int(number) # 7e2 is 700
     if text is None:
         return value # a structured value from a saved run (dict, list, None)
     if default is None or isinstance(default, (dict, list)):
