@@ -8,6 +8,9 @@ Writes curve.png (FD vs kimg with the teacher's line) and result.json in the run
 Running the same command again continues the run where it stopped (exact resume).
 
   OMP_NUM_THREADS=1 python bench/mnist_distill.py --kimg 60 --inception-ref out/mnist-train5k-inception.npz
+  # DI and SiD side by side, FID along the way (fd-vs-kimg.png, fid-vs-kimg.png in --outdir):
+  OMP_NUM_THREADS=1 python bench/mnist_distill.py --divergences di,sid --kimg 64 --snap 2 --fid-kimg 2,8,32 \\
+      --inception-ref out/mnist-train5k-inception.npz --outdir out/mnist-distill-long
   # Every data-free divergence on the same teacher, generator and budget:
   OMP_NUM_THREADS=1 python bench/mnist_distill.py --divergences di,sid,dmd,sim,fdiv,vardiu --kimg 6 --snap 2 \
       --outdir out/mnist-divergences
@@ -35,7 +38,20 @@ def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
-def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num):
+def fid_of(snapshot, inception_ref, fid_num):
+    """Inception FID of a snapshot's G_ema, `fid_num` samples (seeds 0..), against the reference."""
+    print(f'FID of {snapshot} ({fid_num} samples, Inception) ...', flush=True)
+    sample, _ = generation.load_for_generation(snapshot)
+    records = registry.compute_metrics([f'fid{fid_num}'], lambda seeds, _labels: sample(seeds),
+        ref=dict(inception=inception_ref), batch=100, progress=lambda s: print(s, flush=True))
+    return registry.flatten(records)[f'fid{fid_num}']
+
+def snapshot_near(run_dir, kimg):
+    """The run's snapshot closest to `kimg`, or None."""
+    snaps = train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')
+    return min(snaps, key=lambda item: abs(item[0] - kimg)) if snaps else None
+
+def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num, fid_kimgs=()):
     """One (resumable) distillation run with FD at every snapshot; returns its result dict."""
     run_dir = os.path.join(outdir, f'{divergence}-b{batch}-lr{lr:g}-glr{glr:g}')
     resume_state = None
@@ -63,19 +79,27 @@ def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, e
     hlines = {'teacher, 35 NFE': teacher_metrics['fd5000']} if 'fd5000' in teacher_metrics else {}
     save_curve_png({f'student ({divergence}, 1 NFE)': (kimgs, fds)}, os.path.join(run_dir, 'curve.png'),
         hlines=hlines, title='MNIST one-step distillation: FD (fast detector, 5000 samples) vs kimg',
-        xlabel='kimg', ylabel='FD', log_y=True)
+        xlabel='kimg', ylabel='FD', log_y=True, log_x=True)
     stats = read_jsonl(os.path.join(run_dir, 'stats.jsonl'))
     result = dict(divergence=divergence, run_dir=run_dir, kimg=kimgs[-1] if kimgs else None,
         curve=list(zip(kimgs, fds)), this_call_seconds=seconds, teacher=teacher_metrics,
         sec_per_kimg=sorted(r['sec_per_kimg'] for r in stats)[len(stats) // 2] if stats else None)
-    snapshot = os.path.join(run_dir, sorted(f for f in os.listdir(run_dir) if f.startswith('network-snapshot'))[-1])
+    snapshot = train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')[-1][1]
     if inception_ref:
-        print(f'FID of {snapshot} ({fid_num} samples, Inception) ...', flush=True)
-        sample, _ = generation.load_for_generation(snapshot)
-        records = registry.compute_metrics([f'fid{fid_num}'], lambda seeds, _labels: sample(seeds),
-            ref=dict(inception=inception_ref), batch=100, progress=lambda s: print(s, flush=True))
-        result['student_fid'] = registry.flatten(records)[f'fid{fid_num}']
+        result['student_fid'] = fid_of(snapshot, inception_ref, fid_num)
         result['student_fid_snapshot'] = snapshot
+        # FID along the run (cached in fid-curve.json: an Inception FID costs minutes on a CPU).
+        cache_path = os.path.join(run_dir, f'fid{fid_num}-curve.json')
+        cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
+        for k in fid_kimgs:
+            near = snapshot_near(run_dir, k)
+            if near is not None and os.path.basename(near[1]) not in cache:
+                cache[os.path.basename(near[1])] = dict(kimg=near[0], fid=fid_of(near[1], inception_ref, fid_num))
+                with open(cache_path, 'w') as f:
+                    json.dump(cache, f, indent=2)
+        cache[os.path.basename(snapshot)] = dict(kimg=train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')[-1][0],
+            fid=result['student_fid'])
+        result['fid_curve'] = sorted((v['kimg'], v['fid']) for v in cache.values())
     with open(os.path.join(run_dir, 'result.json'), 'w') as f:
         json.dump(result, f, indent=2)
     print(f'Curve: {run_dir}/curve.png', flush=True)
@@ -100,14 +124,29 @@ def read_teacher_metrics(path):
 @click.option('--ema', default=1.0, help='EMA half-life [kimg]')
 @click.option('--inception-ref', default=None, help='Inception statistics (.npz) for the final FID')
 @click.option('--fid-num', default=5000, help='Samples for the final FID')
-def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num):
+@click.option('--fid-kimg', default='', help='Also FID at the snapshots nearest these kimg, e.g. 2,4,8,16 (with --inception-ref)')
+def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num, fid_kimg):
     for path, flag in ((teacher, '--teacher'), (inception_ref, '--inception-ref')):
         if path is not None and not os.path.exists(path):
             raise click.BadParameter(f'{path}: no such file', param_hint=flag)
-    results = [distil(d, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num)
+    try:
+        fid_kimgs = [float(k) for k in fid_kimg.split(',') if k.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{fid_kimg}' is not a comma-separated list of numbers", param_hint='--fid-kimg') from None
+    results = [distil(d, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num, fid_kimgs)
         for d in divergences.split(',')]
 
     teacher_metrics = read_teacher_metrics(reference)
+    # Every divergence on one log-x plot per metric, the teacher's level dashed.
+    for metric, key, teacher_key in (('FD (fast detector, 5000 samples)', 'curve', 'fd5000'),
+            (f'FID (Inception, {fid_num} samples)', 'fid_curve', f'fid{fid_num}')):
+        series = {f"{r['divergence']} (1 NFE)": tuple(zip(*r[key])) for r in results if len(r.get(key) or []) >= 1}
+        if series:
+            hlines = {'teacher, 35 NFE': teacher_metrics[teacher_key]} if teacher_key in teacher_metrics else {}
+            path = os.path.join(outdir, f"{'fd' if key == 'curve' else 'fid'}-vs-kimg.png")
+            save_curve_png(series, path, hlines=hlines, title=f'MNIST one-step students: {metric}',
+                xlabel='kimg (log scale)', ylabel=metric.split(' ')[0], log_x=True, log_y=True)
+            print(f'Curves: {path}', flush=True)
     kimgs = sorted({k for r in results for k, _ in r['curve']})
     print('\n| kimg | ' + ' | '.join(f"{r['divergence']} FD (fast, 5k)" for r in results) + ' |')
     print('|---' * (len(results) + 1) + '|')

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import PIL.ImageFont
 import torch
 
 from torch_utils.images import write_png
@@ -101,42 +102,76 @@ def save_scatter_png(points, path, size=512, margin=48, num_ticks=5, components=
 CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
     (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 
-def save_curve_png(series, path, hlines=None, title='', xlabel='', ylabel='', log_y=False,
-        width=640, height=400, margin=56, num_ticks=5):
+def _font(size=12):
+    """DejaVu Sans where the system has it (PIL's built-in font sets spaces 2 px wide)."""
+    try:
+        return PIL.ImageFont.truetype('DejaVuSans.ttf', size)
+    except OSError:
+        return PIL.ImageFont.load_default(size=size)
+
+def _log_ticks(lo, hi):
+    """1, 2, 5 x 10^k inside [10^lo, 10^hi] (log10 bounds), as (log10 value, label)."""
+    def ticks_of(mantissas):
+        found = []
+        for k in range(math.floor(lo) - 1, math.ceil(hi) + 1):
+            for m in mantissas:
+                v = m * 10.0 ** k
+                if lo - 1e-9 <= math.log10(v) <= hi + 1e-9:
+                    found.append((math.log10(v), f'{v:g}'))
+        return found
+    ticks = ticks_of((1, 2, 5))
+    if len(ticks) < 3: # a narrow range: more mantissas
+        ticks = ticks_of((1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9))
+    if len(ticks) > 8: # a wide range: the powers of ten only
+        ticks = ticks_of((1,))
+    return ticks
+
+def save_curve_png(series, path, hlines=None, title='', xlabel='', ylabel='', log_y=False, log_x=False,
+        width=720, height=440, margin=64):
     """Line plot: `series` {label: (xs, ys)} as lines with dots, `hlines` {label: y} as dashed
-    horizontal lines (e.g. a teacher's metric to beat); a legend at the top right. PIL only."""
+    horizontal lines (e.g. a teacher's metric to beat); a legend at the top right; round tick
+    values on linear or log axes. PIL only."""
     hlines = hlines or {}
+    def axis(values, log):
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values) & ((values > 0) if log else True)]
+        t = np.log10(values) if log else values
+        lo, hi = (float(t.min()), float(t.max())) if len(t) else (0.0, 1.0)
+        pad = 0.05 * ((hi - lo) or 1.0)
+        return lo - pad, hi + pad
     xs_all = np.concatenate([np.asarray(x, dtype=np.float64) for x, _ in series.values()] or [np.zeros(1)])
     ys_all = np.concatenate([np.asarray(y, dtype=np.float64) for _, y in series.values()] + [np.asarray(list(hlines.values()), dtype=np.float64)])
-    ty = np.log10 if log_y else (lambda v: np.asarray(v, dtype=np.float64))
-    finite = ys_all[np.isfinite(ys_all) & ((ys_all > 0) if log_y else True)]
-    y_lo, y_hi = (float(ty(finite).min()), float(ty(finite).max())) if len(finite) else (0.0, 1.0)
-    x_lo, x_hi = float(np.nanmin(xs_all)), float(np.nanmax(xs_all))
-    pad = 0.05 * ((y_hi - y_lo) or 1.0)
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-    x_hi = x_hi if x_hi > x_lo else x_lo + 1.0
+    x_lo, x_hi = axis(xs_all, log_x)
+    y_lo, y_hi = axis(ys_all, log_y)
+    tx = (lambda v: math.log10(v)) if log_x else float
+    ty = (lambda v: math.log10(v)) if log_y else float
 
     def px(x):
-        return margin + (x - x_lo) / (x_hi - x_lo) * (width - 2 * margin)
+        return margin + (tx(x) - x_lo) / (x_hi - x_lo) * (width - 2 * margin)
 
     def py(y):
         return height - margin - (ty(y) - y_lo) / (y_hi - y_lo) * (height - 2 * margin)
 
+    def visible(x, y):
+        return np.isfinite(x) and np.isfinite(y) and (x > 0 or not log_x) and (y > 0 or not log_y)
+
+    font, small = _font(13), _font(11)
     image = PIL.Image.new('RGB', (width, height), (255, 255, 255))
     draw = PIL.ImageDraw.Draw(image)
     draw.rectangle([margin, margin, width - margin, height - margin], outline=(0, 0, 0))
-    for k in range(num_ticks):
-        xv = x_lo + (x_hi - x_lo) * k / (num_ticks - 1)
-        yt = y_lo + (y_hi - y_lo) * k / (num_ticks - 1)
-        yv = 10 ** yt if log_y else yt
-        x, y = px(xv), py(yv)
+    x_ticks = _log_ticks(x_lo, x_hi) if log_x else _nice_ticks(x_lo, x_hi)
+    y_ticks = _log_ticks(y_lo, y_hi) if log_y else _nice_ticks(y_lo, y_hi)
+    for t, label in x_ticks:
+        x = margin + (t - x_lo) / (x_hi - x_lo) * (width - 2 * margin)
         draw.line([x, height - margin, x, height - margin + 5], fill=(0, 0, 0))
-        draw.text((x - 12, height - margin + 8), f'{xv:.3g}', fill=(0, 0, 0))
+        draw.text((x - small.getlength(label) / 2, height - margin + 8), label, fill=(0, 0, 0), font=small)
+    for t, label in y_ticks:
+        y = height - margin - (t - y_lo) / (y_hi - y_lo) * (height - 2 * margin)
         draw.line([margin - 5, y, margin, y], fill=(0, 0, 0))
-        draw.text((4, y - 5), f'{yv:.3g}', fill=(0, 0, 0))
-    draw.text((width / 2 - 4 * len(xlabel) / 2, height - margin + 24), xlabel, fill=(0, 0, 0))
-    draw.text((4, margin - 20), ylabel, fill=(0, 0, 0))
-    draw.text((width / 2 - 3 * len(title), 8), title, fill=(0, 0, 0))
+        draw.text((margin - 8 - small.getlength(label), y - 7), label, fill=(0, 0, 0), font=small)
+    draw.text((width / 2 - font.getlength(xlabel) / 2, height - margin + 26), xlabel, fill=(0, 0, 0), font=font)
+    draw.text((8, margin - 24), ylabel, fill=(0, 0, 0), font=font)
+    draw.text((max(4, width / 2 - font.getlength(title) / 2), 14), title, fill=(0, 0, 0), font=font)
     legend = []
     for i, (label, y) in enumerate(hlines.items()):
         colour = CURVE_COLOURS[(len(series) + i) % len(CURVE_COLOURS)]
@@ -145,14 +180,16 @@ def save_curve_png(series, path, hlines=None, title='', xlabel='', ylabel='', lo
         legend.append((label, colour))
     for i, (label, (xs, ys)) in enumerate(series.items()):
         colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
-        points = [(px(x), py(y)) for x, y in zip(xs, ys) if np.isfinite(y) and (y > 0 or not log_y)]
+        points = [(px(x), py(y)) for x, y in zip(xs, ys) if visible(x, y)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
         for x, y in points:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         legend.insert(i, (label, colour))
+    legend_w = max([small.getlength(label) for label, _ in legend] or [0]) + 36
     for i, (label, colour) in enumerate(legend):
-        y = margin + 8 + 14 * i
-        draw.line([width - margin - 150, y + 5, width - margin - 130, y + 5], fill=colour, width=2)
-        draw.text((width - margin - 124, y), label, fill=(0, 0, 0))
+        y = margin + 8 + 16 * i
+        x0 = width - margin - legend_w
+        draw.line([x0, y + 7, x0 + 20, y + 7], fill=colour, width=2)
+        draw.text((x0 + 26, y), label, fill=(0, 0, 0), font=small)
     write_png(np.asarray(image), path)
