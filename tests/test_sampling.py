@@ -215,7 +215,7 @@ def test_save_curve_png_draws_series_and_reference_line(tmp_path):
         hlines={'teacher': 80.0}, xlabel='kimg', ylabel='FD', log_y=True)
     with PIL.Image.open(path) as im:
         arr = np.asarray(im)
-    assert arr.shape == (400, 640, 3)
+    assert arr.shape == (440, 720, 3)
     blue = (arr == CURVE_COLOURS[0]).all(axis=2)
     red = (arr == CURVE_COLOURS[1]).all(axis=2)
     assert blue.sum() > 100 and red.sum() > 100
@@ -223,8 +223,19 @@ def test_save_curve_png_draws_series_and_reference_line(tmp_path):
     rows = np.nonzero(red[:, 100:400].any(axis=1))[0] # left of the legend
     assert rows.max() - rows.min() <= 2
     # On a log axis 80 lies between 50 and 100, i.e. below the middle point (100) on screen.
-    mid_row = np.nonzero(blue[:, 320])[0].mean()
+    mid_row = np.nonzero(blue[:, 360])[0].mean()
     assert rows.min() > mid_row
+
+def test_curve_png_log_x_places_points_by_their_logarithm(tmp_path):
+    path = tmp_path / 'curve.png'
+    save_curve_png({'a': ([1, 10, 100], [5.0, 5.0, 5.0])}, str(path), log_x=True)
+    with PIL.Image.open(path) as im:
+        arr = np.asarray(im)
+    blue = (arr == CURVE_COLOURS[0]).all(axis=2)[100:] # below the legend
+    tall = np.nonzero(blue.sum(axis=0) >= 5)[0] # the dots are 7 px tall, the line 2 px
+    groups = np.split(tall, np.nonzero(np.diff(tall) > 1)[0] + 1)
+    centres = [g.mean() for g in groups]
+    assert len(centres) == 3 and abs(centres[1] - (centres[0] + centres[2]) / 2) < 1.5
 
 #----------------------------------------------------------------------------
 # training_stats and distributed (single process, and two gloo processes).
