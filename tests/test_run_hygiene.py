@@ -171,3 +171,15 @@ def test_non_finite_stops_cleanly_and_the_last_good_state_resumes(tmp_path, caus
         _all_finite(run_dir)
     else:
         assert 'last good snapshot: none' in message and not states
+
+def test_run_folders_made_by_the_library_resume_with_refine_py(tmp_path):
+    # demo.py and the bench scripts make their folders with run.make_run_dir / run.save_options.
+    demo = open(os.path.join(ROOT, 'demo.py')).read()
+    assert 'run.make_run_dir(' in demo
+    o = _options(tmp_path, kimg=0.256)
+    setup = run.prepare(o)
+    run_dir = run.make_run_dir(o, 'library-made')
+    run.launch(setup, run_dir, log=lambda *_: None)
+    out = _refine('--resume', run_dir, '--kimg', '0.512')
+    assert 'Resuming from' in out and 'Finished at 0.512 kimg' in out
+    assert os.path.isfile(os.path.join(run_dir, 'log.txt'))
