@@ -68,6 +68,11 @@ def test_kill_9_then_resume_is_exact_and_leaves_a_clean_folder(tmp_path):
     assert a['cur_nimg'] == b['cur_nimg'] == 2048
     for key in ('G', 'G_ema', 'fake'):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    # NVlabs' training_stats layout beside our flat keys, for their log readers.
+    record = _records(whole)[-1]
+    assert record['Progress/kimg'] == dict(num=1, mean=2.048, std=0.0) and record['Progress/tick']['mean'] == 8
+    assert set(record['Loss/fake']) == {'num', 'mean', 'std'} and 'Loss/gen' in record and record['timestamp'] > 1e9
+    assert record['Timing/sec_per_kimg']['mean'] == record['sec_per_kimg']
     ticks = [r['tick'] for r in _records(cut)]
     assert ticks == list(range(1, len(ticks) + 1)) == [r['tick'] for r in _records(whole)]
     # Ticks of 0.256 kimg: 8 snapshots, none overwritten by the next one in the same kimg.
