@@ -125,6 +125,9 @@ def refinement_loop(
         say(f'Resuming from {resume_state} at {cur_nimg / 1e3:.1f} kimg')
         if is_main: # the ticks after the state are replayed: their records go
             train_utils.truncate_jsonl(os.path.join(run_dir, 'stats.jsonl'), lambda r: r.get('tick', 0) <= cur_tick)
+            for name in os.listdir(run_dir):
+                if name.startswith('metric-') and name.endswith('.jsonl'):
+                    train_utils.truncate_jsonl(os.path.join(run_dir, name), lambda r: r.get('kimg', 0) <= cur_nimg / 1e3)
     if is_main:
         train_utils.remove_stale_temp_files(run_dir)
     last_snapshot = ([path for kimg, path in train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')
