@@ -38,3 +38,10 @@ def test_the_check_can_fail(tmp_path):
     path = tmp_path / 'upward.py'
     path.write_text('def f():\n    from refine import loop\n')
     assert 'refine' in imported_tops(path)
+
+def test_every_floor_is_a_package_the_wheel_ships():
+    # setup.cfg's `packages = find:` skips folders without __init__.py: `import training` from an
+    # installed toolkit would fail (and NVlabs pickles name training.* modules).
+    import setuptools # pylint: disable=import-outside-toplevel
+    found = setuptools.find_packages(ROOT, include=[f'{f}*' for f in FLOORS])
+    assert set(FLOORS) <= set(found), found
