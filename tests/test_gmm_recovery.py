@@ -98,3 +98,22 @@ def test_scatter_png_draws_component_ellipses_under_samples_and_round_ticks(tmp_
         assert min(abs(mantissa - m) for m in (1, 2, 5, 10)) < 1e-6 and 3 <= len(ticks) <= 11
         assert all(lo <= t <= hi for t in ticks)
         assert all(abs(t / step - round(t / step)) < 1e-6 for t in ticks)
+
+def test_bench_gmm_weights_prints_tv_and_masses_for_every_divergence(tmp_path):
+    path = tmp_path / 'three.json'
+    path.write_text(json.dumps(MIXTURE))
+    bench = load_script('bench/gmm_weights.py', 'bench_gmm_weights')
+    divergences = 'di,sid,dmd,sim,fdiv,vardiu'
+    result = CliRunner().invoke(bench.main, ['--teachers', f'gmm:{path}', '--divergences', divergences,
+        '--kimg', '0.3', '--eval-n', '400', '--outdir', str(tmp_path / 'out'), '--reference'], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for name in ['reference (SW fit)'] + divergences.split(','):
+        row = next(line for line in out.splitlines() if line.startswith(f'| {name} | three.json |'))
+        tv = float(row.split('|')[7])
+        assert 0 <= tv <= 1
+        masses = next(line for line in out.splitlines() if line.startswith(f"{name.split(' ')[0]} on three.json: mass/weight"))
+        assert len(masses.split(': ')[-1].split()) == 3
+    assert os.path.isfile(tmp_path / 'out' / 'three-di' / 'after.png')
+    bad = CliRunner().invoke(bench.main, ['--teachers', f'gmm:{tmp_path}/none.json'])
+    assert bad.exit_code != 0 and 'none.json' in bad.output
