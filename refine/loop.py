@@ -61,7 +61,7 @@ def refinement_loop(
     on_tick             = None,     # Callback(EasyDict) at the end of every tick, main process only.
     on_snapshot         = None,     # Callback(G_ema, snapshot_path, kimg) after each snapshot, every process (metrics).
     reuse_samples       = True,     # The generator update goes first; its samples (detached) feed the first fake-score update.
-    amp                 = 'auto',   # bf16 autocast: 'off', 'nograd', 'loss', 'all' or 'auto' (refine/speed.py).
+    amp                 = 'off',    # bf16 autocast: 'off', 'nograd', 'loss', 'all' or 'auto' (refine/speed.py).
     compile             = False,    # torch.compile the networks' calls: True (inductor) or a backend name.
     fused_optim         = True,     # Fused Adam steps and a foreach EMA.
     tf32                = True,     # TF32 products and convolutions on GPUs.
@@ -125,8 +125,8 @@ def refinement_loop(
         say(f'Resuming from {resume_state} at {cur_nimg / 1e3:.1f} kimg')
         if is_main: # the ticks after the state are replayed: their records go
             train_utils.truncate_jsonl(os.path.join(run_dir, 'stats.jsonl'), lambda r: r.get('tick', 0) <= cur_tick)
-            for name in os.listdir(run_dir):
-                if name.startswith('metric-') and name.endswith('.jsonl'):
+            for name in os.listdir(run_dir): # metric-*.jsonl, gmm-metrics.jsonl
+                if name.endswith('.jsonl') and name != 'stats.jsonl':
                     train_utils.truncate_jsonl(os.path.join(run_dir, name), lambda r: r.get('kimg', 0) <= cur_nimg / 1e3)
     if is_main:
         train_utils.remove_stale_temp_files(run_dir)

@@ -13,7 +13,10 @@ from torch_utils import distributed, train_utils
 DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, sigma_init=None,
     kimg=200.0, tick=1.0, snap=10, seed=0, ema=0.5, fake_steps=None, mlp_hidden=256, div_opt=None,
     metrics=None, metric_ref=None, metric_batch=64, truncation=None, noise_mode=None, train_params=None,
-    max_minutes=None, fake_warmup=0.0)
+    max_minutes=None, fake_warmup=0.0,
+    # Speed levers (refine/speed.py, training/networks_edm.py IMPLEMENTATION; docs/performance.md).
+    reuse_samples=True, amp='off', compile=False, fused_optim=True, tf32=True,
+    attention='auto', dropout_mask='uniform', channels_last=False, recompute=True)
 
 # Settings for Gaussian-mixture (vector) teachers: small MLPs learn at higher rates, and the
 # fake score needs several updates per generator update to keep up (tuned on ring8, see README).
@@ -88,6 +91,10 @@ def prepare(o):
 
 def launch(setup, run_dir, resume_state=None, log=print, on_tick=None):
     o = setup.options
+    if on_tick is None and isinstance(setup.teacher, teachers.GMMTeacher):
+        # An exact teacher: per-tick unbiased MMD^2, mode coverage and weight error (gmm-metrics.jsonl).
+        from refine import toy_metrics # pylint: disable=import-outside-toplevel
+        on_tick = toy_metrics.TickLogger(setup.teacher, log=log)
     extra = dict(setup.companions, teacher=o.teacher, divergence=setup.divergence.options(),
         sigma_init=getattr(setup.G, 'sigma_init', None), refine_options=dict(setup.summary['options']))
     return refinement_loop(run_dir=run_dir, teacher=setup.teacher, G=setup.G, fake=setup.fake,
@@ -95,7 +102,15 @@ def launch(setup, run_dir, resume_state=None, log=print, on_tick=None):
         f_lr=o.lr, ema_halflife_kimg=o.ema, total_kimg=o.kimg, fake_warmup_kimg=o.fake_warmup, kimg_per_tick=o.tick,
         time_limit_s=o.max_minutes * 60 if o.max_minutes else None,
         snapshot_ticks=o.snap, seed=o.seed, resume_state=resume_state, snapshot_extra=extra, log=log,
-        on_tick=on_tick, on_snapshot=metrics_callback(o, run_dir, log))
+        on_tick=on_tick, on_snapshot=metrics_callback(o, run_dir, log),
+        **speed_options(o))
+
+def speed_options(o):
+    """Apply the EDM networks' implementation choices; return the loop's speed keyword arguments."""
+    from training import networks_edm # pylint: disable=import-outside-toplevel
+    networks_edm.set_implementation(attention=o.get('attention'), dropout=o.get('dropout_mask'),
+        channels_last=o.get('channels_last'), recompute=o.get('recompute'))
+    return {key: o[key] for key in ('reuse_samples', 'amp', 'compile', 'fused_optim', 'tf32') if o.get(key) is not None}
 
 def metrics_callback(o, run_dir, log=print):
     """Compute --metrics on each snapshot's G_ema (every process) and append metric-*.jsonl."""

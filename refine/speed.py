@@ -8,7 +8,9 @@
                  f-distill); 'loss': those evaluations always (SiD, SIM too); 'all': also the
                  generator and the fake-score training passes; 'auto': 'nograd' where bf16 is
                  fast (GPUs with bf16, CPUs with AVX-512 BF16 or AMX), else 'off'. Networks
-                 return float32, so the divergence arithmetic stays in float32;
+                 return float32, so the divergence arithmetic stays in float32. The default
+                 is 'off' (DI's gradient is a difference of two close networks, and bf16 is not
+                 yet shown harmless for it: docs/performance.md);
   compile        torch.compile of the networks' calls (True: inductor, or a backend name); the
                  modules themselves are what is saved, pickled and broadcast, so snapshots,
                  training states and torchrun are unchanged;

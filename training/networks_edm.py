@@ -26,11 +26,15 @@ from torch_utils import persistence
 #                  GPUs, matmul on CPUs.
 #   dropout        'uniform': keep where a 16-bit uniform draw >= p; 'bernoulli': F.dropout.
 #   channels_last  run the UNets in NHWC layout (oneDNN/cuDNN convolutions without reorders).
+#   recompute      GroupNorm-SiLU-(dropout-)convolution chains keep only their input for the
+#                  backward pass and recompute the rest there: the same kernels, so the same
+#                  values and gradients bit for bit, with ~half the activation memory.
 # The defaults are the fastest on the CPUs and GPUs measured (docs/performance.md);
 # set_implementation(attention='matmul', dropout='bernoulli') computes exactly as NVlabs EDM.
 
-IMPLEMENTATION = dict(attention='auto', dropout='uniform', channels_last=False)
-_CHOICES = dict(attention=('auto', 'sdpa', 'matmul'), dropout=('uniform', 'bernoulli'), channels_last=(False, True))
+IMPLEMENTATION = dict(attention='auto', dropout='uniform', channels_last=False, recompute=True)
+_CHOICES = dict(attention=('auto', 'sdpa', 'matmul'), dropout=('uniform', 'bernoulli'), channels_last=(False, True),
+    recompute=(True, False))
 
 def set_implementation(**kwargs):
     """Change IMPLEMENTATION entries (None leaves one as it is); returns the previous settings."""
@@ -187,6 +191,81 @@ def apply_dropout(x, p, training):
         return x * 0
     return torch.where(keep, x * (1 / (1 - rate)), 0)
 
+class _NormActConv(torch.autograd.Function):
+    """conv(drop(act(group_norm(x)))) without bias, saving x, the statistics and the dropout mask
+    only; the backward pass recomputes the normalised and activated tensors from them and calls
+    the kernels autograd would call, in the same order, so that results are bit-identical."""
+
+    @staticmethod
+    def forward(ctx, x, gn_weight, gn_bias, conv_weight, num_groups, eps, act, keep, scale, padding): # pylint: disable=arguments-differ
+        N, C = x.shape[0], x.shape[1]
+        HxW = x.numel() // (N * C)
+        h, mean, rstd = torch.native_group_norm(x, gn_weight, gn_bias, N, C, HxW, num_groups, eps)
+        if act:
+            h = silu(h)
+        if keep is not None:
+            h = torch.where(keep, h * scale, 0)
+        ctx.save_for_backward(x, gn_weight, gn_bias, conv_weight, mean, rstd, keep)
+        ctx.config = (N, C, HxW, num_groups, eps, act, scale, padding)
+        return torch.nn.functional.conv2d(h, conv_weight, padding=padding)
+
+    @staticmethod
+    def backward(ctx, grad): # pylint: disable=arguments-differ
+        x, gn_weight, gn_bias, conv_weight, mean, rstd, keep = ctx.saved_tensors
+        N, C, HxW, num_groups, eps, act, scale, padding = ctx.config
+        need_x, need_gw, need_gb, need_cw = ctx.needs_input_grad[:4]
+        with torch.no_grad():
+            a = torch.native_group_norm(x, gn_weight, gn_bias, N, C, HxW, num_groups, eps)[0]
+            h = silu(a) if act else a
+            if keep is not None:
+                h = torch.where(keep, h * scale, 0)
+            grad_h, grad_cw, _ = torch.ops.aten.convolution_backward(grad, h, conv_weight, None,
+                [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, [need_x or need_gw or need_gb, need_cw, False])
+            del h
+            grad_x = grad_gw = grad_gb = None
+            if need_x or need_gw or need_gb:
+                if keep is not None:
+                    grad_h = torch.where(keep, grad_h, 0) * scale
+                if act:
+                    grad_h = torch.ops.aten.silu_backward(grad_h, a)
+                grad_x, grad_gw, grad_gb = torch.ops.aten.native_group_norm_backward(grad_h, x, mean, rstd,
+                    gn_weight, N, C, HxW, num_groups, [need_x, need_gw, need_gb])
+        return grad_x, grad_gw, grad_gb, grad_cw, None, None, None, None, None, None
+
+def _recomputable(norm, conv, x, dropout, training):
+    if not (IMPLEMENTATION['recompute'] and torch.is_grad_enabled() and x.is_contiguous()):
+        return False
+    if not (x.requires_grad or norm.weight.requires_grad or conv.weight.requires_grad):
+        return False # no graph to keep
+    if conv.weight is None or conv.up or conv.down or conv.weight.shape[-1] % 2 != 1:
+        return False
+    if training and dropout and (IMPLEMENTATION['dropout'] != 'uniform' or round(dropout * 65536) >= 65536):
+        return False # F.dropout's stream cannot be drawn apart from its output
+    if not hasattr(torch.ops.aten, 'convolution_backward') or _autocast_enabled(x.device.type):
+        return False
+    compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
+    return not (compiling is not None and compiling())
+
+def norm_act_conv(norm, conv, x, act=True, dropout=None, training=False):
+    """conv(dropout(silu(norm(x)))) (no silu unless act; no dropout call if dropout is None),
+    by _NormActConv where it applies (IMPLEMENTATION['recompute'])."""
+    if not _recomputable(norm, conv, x, dropout, training):
+        h = norm(x)
+        if act:
+            h = silu(h)
+        if dropout is not None:
+            h = apply_dropout(h, p=dropout, training=training)
+        return conv(h)
+    keep, scale = None, 1.0
+    if training and dropout:
+        keep, rate = dropout_keep_mask(x.shape, dropout, x.device)
+        scale = 1 / (1 - rate)
+    y = _NormActConv.apply(x, norm.weight.to(x.dtype), norm.bias.to(x.dtype), conv.weight.to(x.dtype),
+        norm.num_groups, norm.eps, act, keep, scale, conv.weight.shape[-1] // 2)
+    if conv.bias is not None:
+        y = y.add_(conv.bias.to(x.dtype).reshape(1, -1, 1, 1))
+    return y
+
 @persistence.persistent_class
 class UNetBlock(torch.nn.Module):
     """Residual block: GroupNorm-SiLU-Conv twice, conditioned on the embedding by a per-channel
@@ -229,22 +308,22 @@ class UNetBlock(torch.nn.Module):
 
     def forward(self, x, emb):
         orig = x
-        x = self.conv0(silu(self.norm0(x)))
+        x = norm_act_conv(self.norm0, self.conv0, x)
 
         params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(chunks=2, dim=1)
             x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+            x = self.conv1(apply_dropout(x, p=self.dropout, training=self.training))
         else:
-            x = silu(self.norm1(x.add_(params)))
-
-        x = self.conv1(apply_dropout(x, p=self.dropout, training=self.training))
+            x = norm_act_conv(self.norm1, self.conv1, x.add_(params), dropout=self.dropout, training=self.training)
         x = x.add_(self.skip(orig) if self.skip is not None else orig)
         x = x * self.skip_scale
 
         if self.num_heads:
             heads = x.shape[0] * self.num_heads
-            q, k, v = self.qkv(self.norm2(x)).reshape(heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
+            qkv = norm_act_conv(self.norm2, self.qkv, x, act=False)
+            q, k, v = qkv.reshape(heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
             a = attend(q, k, v)
             x = self.proj(a.reshape(*x.shape)).add_(x)
             x = x * self.skip_scale
