@@ -123,7 +123,7 @@ def isolated_passes(T, G, fake, div, batch, levers, reuse, device, repeats):
     return rows, sum(seconds * count for seconds, count in rows.values())
 
 def measure(teacher='small32', divergence='di', batch=32, iters=5, warmup=2, repeats=3, device=None,
-        reuse=True, amp='off', compile=False, fused=True, tf32=True, attention='auto', dropout_mask='uniform', # pylint: disable=redefined-builtin
+        reuse=False, amp='off', compile=False, fused=True, tf32=True, attention='auto', dropout_mask='uniform', # pylint: disable=redefined-builtin
         channels_last=False, recompute=True, passes=True, sigma_init=None, preset_overrides=None, log=None):
     """One measurement (a dict); the loop runs first, so the CPU peak RSS is the loop's."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -193,7 +193,7 @@ def report(m):
 @click.option('--repeats', default=3, show_default=True, type=click.IntRange(min=1), help='Timings of each isolated pass')
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
 @click.option('--threads', default=None, type=click.IntRange(min=1), help='torch intra-op threads [default: torch\'s]')
-@click.option('--reuse/--no-reuse', default=True, show_default=True, help='Reuse the generator update\'s samples')
+@click.option('--reuse/--no-reuse', default=False, show_default=True, help='Reuse the generator update\'s samples')
 @click.option('--amp', default='off', show_default=True, type=click.Choice(speed.AMP_LEVELS))
 @click.option('--compile', 'compile_', default=None, help='torch.compile backend (inductor, aot_eager, ...)')
 @click.option('--fused/--no-fused', default=True, show_default=True, help='Fused Adam and foreach EMA')

@@ -60,7 +60,7 @@ def refinement_loop(
     log                 = print,    # Progress output (rank 0 decides to print).
     on_tick             = None,     # Callback(EasyDict) at the end of every tick, main process only.
     on_snapshot         = None,     # Callback(G_ema, snapshot_path, kimg) after each snapshot, every process (metrics).
-    reuse_samples       = True,     # The generator update goes first; its samples (detached) feed the first fake-score update.
+    reuse_samples       = False,    # The generator update goes first; its samples (detached) feed the first fake-score update.
     amp                 = 'off',    # bf16 autocast: 'off', 'nograd', 'loss', 'all' or 'auto' (refine/speed.py).
     compile             = False,    # torch.compile the networks' calls: True (inductor) or a backend name.
     fused_optim         = True,     # Fused Adam steps and a foreach EMA.
@@ -231,6 +231,7 @@ def refinement_loop(
         # EMA by half-life in images, ramped up early in training.
         with levers.phase('ema'):
             levers.update_ema(G_ema, G, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup)
+        levers.unmark(G, G_ema, fake, teacher) # what is saved carries nothing of torch.compile
 
         done = cur_nimg >= total_kimg * 1000
         if not done and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:

@@ -15,7 +15,7 @@ DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, s
     metrics=None, metric_ref=None, metric_batch=64, truncation=None, noise_mode=None, train_params=None,
     max_minutes=None, fake_warmup=0.0,
     # Speed levers (refine/speed.py, training/networks_edm.py IMPLEMENTATION; docs/performance.md).
-    reuse_samples=True, amp='off', compile=False, fused_optim=True, tf32=True,
+    reuse_samples=False, amp='off', compile=False, fused_optim=True, tf32=True,
     attention='auto', dropout_mask='uniform', channels_last=False, recompute=True)
 
 # Settings for Gaussian-mixture (vector) teachers: small MLPs learn at higher rates, and the

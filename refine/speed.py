@@ -99,6 +99,16 @@ class Levers:
         backend = self.compile if isinstance(self.compile, str) else 'inductor'
         return torch.compile(module, backend=backend)
 
+    def unmark(self, *modules):
+        """Remove what torch.compile writes onto parameters and buffers (`_dynamo_static_input_type`,
+        unguarded): pickled with them, it would make snapshots that safe loaders refuse."""
+        if not self.compile:
+            return
+        for module in modules:
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                for key in [k for k in getattr(tensor, '__dict__', {}) if k.startswith('_dynamo')]:
+                    delattr(tensor, key)
+
     def precision(self, phase):
         """bf16 autocast for `phase` ('generator', 'fake' or 'loss') at this run's amp level."""
         on = self.amp == 'all' or (phase == 'loss' and (self.amp == 'loss' or

@@ -249,7 +249,7 @@ def test_compiled_run_writes_the_same_snapshot(tmp_path):
     _loop(tmp_path / 'plain', 0.016)
     _loop(tmp_path / 'compiled', 0.016, compile='eager')
     snaps = [sorted(glob.glob(str(tmp_path / d / 'network-snapshot-*.pkl')))[-1] for d in ('plain', 'compiled')]
-    plain, loaded = (safe_pickle.load_network_pkl(path) for path in snaps)
+    plain, loaded = (safe_pickle.load_network_pkl(path) for path in snaps) # the safe loader refuses tensor attributes
     for key in ('G_ema', 'G', 'fake'):
         a, b = plain[key].state_dict(), loaded[key].state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -268,7 +268,7 @@ def test_torchrun_two_processes_match_one_with_the_levers_on(tmp_path):
 def test_throughput_bench_times_the_real_loop():
     from tests.scripts import load_script # pylint: disable=import-outside-toplevel
     bench = load_script('bench/throughput.py', 'throughput_bench')
-    m = bench.measure('tiny', 'di', batch=4, iters=1, warmup=0, repeats=1, device='cpu',
+    m = bench.measure('tiny', 'di', batch=4, iters=1, warmup=0, repeats=1, device='cpu', reuse=True,
         preset_overrides=dict(img_resolution=8, channel_mult=[1], attn_resolutions=[]))
     assert set(m['phases_s']) == {'fake', 'generator', 'ema'} and m['iteration_s'] > 0
     assert 'generator forward (no grad)' not in m['passes_s'] # reused
