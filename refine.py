@@ -19,7 +19,7 @@ import re
 import click
 import torch
 
-from refine import run
+from refine import run, speed
 from refine.divergences import DIVERGENCES, coerce_options, describe_options, divergence_class
 from torch_utils import cli, distributed, train_utils
 
@@ -45,6 +45,19 @@ def parse_div_opts(pairs):
             raise click.BadParameter(f"expected KEY=VALUE (or help), got '{pair}'", param_hint='--div-opt')
         opts[key] = value
     return opts
+
+def parse_compile(value):
+    """--compile: off -> False, on -> True (inductor), another word -> that backend's name."""
+    if value is None or isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ('off', 'false', 'no', 'none', '0'):
+        return False
+    if lowered in ('on', 'true', 'yes', 'inductor', '1'):
+        return True
+    if not lowered.replace('_', '').isalnum():
+        raise click.BadParameter(f"'{value}' is not off, on or a backend name", param_hint='--compile')
+    return lowered
 
 def saved_options(run_dir, ctx):
     """The options of the run in `run_dir` (its options.json), each checked as the command line
@@ -108,12 +121,22 @@ def saved_options(run_dir, ctx):
 @click.option('--seed',         help=f"Random seed  {_default('seed')}", type=int, default=None)
 @click.option('--metrics',      help='Metrics at each snapshot, e.g. fd10k,fid10k (see fid.py)', metavar='LIST', type=str)
 @click.option('--metric-ref',   help='Reference for --metrics: dataset ZIP/dir or .npz', metavar='PATH', type=str)
+@click.option('--reuse-samples/--no-reuse-samples', help=f"Speed: the fake-score update reuses the generator update's samples (one generator forward fewer)  {_default('reuse_samples')}", default=None)
+@click.option('--amp',          help=f"Speed: bf16 autocast for no-grad passes, the losses, or all (CPUs with bf16 units, GPUs)  {_default('amp')}", type=click.Choice(['off', 'nograd', 'loss', 'all', 'auto']), default=None)
+@click.option('--compile',      help='Speed: torch.compile the network calls (on, or a backend name)  [default: off]', metavar='off|on|BACKEND', type=str, default=None)
+@click.option('--fused-optim/--no-fused-optim', help=f"Speed: fused Adam steps and a foreach EMA  {_default('fused_optim')}", default=None)
+@click.option('--tf32/--no-tf32', help=f"Speed: TF32 matrix products on GPUs  {_default('tf32')}", default=None)
+@click.option('--attention',    help=f"Speed: EDM attention by scaled_dot_product_attention or explicit products (auto: sdpa on GPUs)  {_default('attention')}", type=click.Choice(['auto', 'sdpa', 'matmul']), default=None)
+@click.option('--dropout-mask', help=f"Speed: EDM dropout masks from 16-bit uniform draws, or bernoulli (NVlabs' random stream)  {_default('dropout_mask')}", type=click.Choice(['uniform', 'bernoulli']), default=None)
+@click.option('--channels-last/--no-channels-last', help=f"Speed: channels_last memory layout for the EDM UNets  {_default('channels_last')}", default=None)
+@click.option('--recompute/--no-recompute', help=f"Memory: recompute norm/activation chains in the backward pass (same results)  {_default('recompute')}", default=None)
 @click.option('--resume',       help='Continue a run: its directory or a training-state .pt', metavar='PATH', type=str)
 @click.option('--allow-pickle-code', help='Run code embedded in pickles (trusted files only)', is_flag=True)
 @click.option('--dry-run',      help='Print the resolved options and exit', is_flag=True)
 @cli.user_errors
 def main(**opts):
     """Refine a generator with a diffusion teacher by minimising a diffusion divergence."""
+    speed.configure_malloc() # the allocator settings the Makefile exports, for any launcher
     distributed.init()
     ctx = click.get_current_context()
     resume_state = None
@@ -139,6 +162,7 @@ def main(**opts):
         if not opts['dry_run']:
             cli.check_writable_dir(opts['outdir'], '--outdir')
         opts['div_opt'] = parse_div_opts(opts['div_opt'])
+    opts['compile'] = parse_compile(opts.get('compile'))
     o = run.resolve_options(opts)
     try:
         divergence_class(o.divergence)

@@ -178,6 +178,9 @@ CASES = [
     ('refine', R + ['--max-minutes', '0'], '--max-minutes'),
     ('refine', R + ['--truncation', 'nan'], '--truncation'),
     ('refine', T + O + ['--batch', '0'], '--batch'),
+    ('refine', R + ['--compile', 'a b'], '--compile'),
+    ('refine', R + ['--amp', 'fp8'], '--amp'),
+    ('refine', R + ['--attention', 'flash'], '--attention'),
     ('refine', T + O + ['--batch', '10', '--batch-gpu', '4'], '--batch-gpu'),
     ('refine', ['--teacher', 'gmm:ring8', '--gen', 'mlp', '--divergence', 'vardiu', '--batch', '7'] + O, 'even'),
     # divergences and their options
