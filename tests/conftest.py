@@ -14,3 +14,11 @@ if ROOT not in sys.path:
 # anything else, torch's spinning worker threads make small ops tens of times slower.
 import torch # pylint: disable=wrong-import-position
 torch.set_num_threads(1)
+
+import pytest # pylint: disable=wrong-import-position
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread_per_module():
+    """Every test module starts with one thread, whatever an earlier one (a bench script) set."""
+    torch.set_num_threads(1)
+    yield

@@ -19,14 +19,6 @@ from training.networks_edm import EDMPrecond
 TINY = dict(img_resolution=8, img_channels=1, model_type='SongUNet', model_channels=8,
     channel_mult=[1], num_blocks=1, attn_resolutions=[])
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks: threads cost far more than they save, badly so on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def _tiny_net(label_dim, seed=0):
     with torch.random.fork_rng(devices=[]): # leave the global RNG as other test files expect it
         torch.manual_seed(seed)

@@ -14,13 +14,6 @@ from torch_utils import persistence, safe_pickle
 
 F64 = torch.float64
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def _write(tmp_path, spec, name='mix.json'):
     path = tmp_path / name
     path.write_text(spec if isinstance(spec, str) else json.dumps(spec))

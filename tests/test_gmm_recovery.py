@@ -22,13 +22,6 @@ from torch_utils import safe_pickle
 # Three 2-D components, unequal weights (5:3:2) and widths.
 MIXTURE = dict(means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], stds=[0.4, 0.3, 0.5], weights=[0.5, 0.3, 0.2])
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def _bayes_masses(x, spec):
     """Bayes-cell masses computed here with scipy, independently of toy_metrics."""
     logs = np.stack([np.log(w) + scipy.stats.multivariate_normal(m, s * s * np.eye(2)).logpdf(x)

@@ -17,14 +17,6 @@ from torch_utils.rng import StackedRandomGenerator
 from training.sampler import edm_sampler, karras_sigmas
 from torch_utils import distributed, training_stats
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: thread start-up and contention cost far more than they save (100x on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 class GaussianDenoiser(torch.nn.Module):
     """The exact denoiser of data x ~ N(m, s^2) per pixel: D(x, sigma) = (s^2 x + sigma^2 m) / (s^2 + sigma^2).
 

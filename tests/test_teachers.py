@@ -16,14 +16,6 @@ from training import networks_edm, networks_mlp
 
 F64 = torch.float64
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead, badly so on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 #----------------------------------------------------------------------------
 # Independent reference: log p_sigma with torch.distributions, D = x + sigma^2 grad log p_sigma.
 

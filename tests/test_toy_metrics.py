@@ -9,14 +9,6 @@ import torch
 from refine import teachers as T
 from refine import toy_metrics as M
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead, badly so on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def _naive_mmd(x, y, bandwidths):
     x, y = x.double().tolist(), y.double().tolist()
     def k(a, b, h):
