@@ -71,10 +71,9 @@ def _gather_in_seed_order(local, seeds):
     return np.stack([merged[seed] for seed in seeds]) if distributed.is_main() else None
 
 def _save_npy_atomically(array, path):
-    tmp_path = f'{path}.tmp-{os.getpid()}'
-    with open(tmp_path, 'wb') as f:
-        np.save(f, array)
-    os.replace(tmp_path, path)
+    with dnnlib.util.atomic_path(path) as tmp_path:
+        with open(tmp_path, 'wb') as f:
+            np.save(f, array)
 
 class _NotNaN(click.FloatRange):
     """A float >= 0 that may be inf (S_max's 'no limit') but not nan."""

@@ -20,7 +20,7 @@ __all__ = [
     "EasyDict", "make_cache_dir_path", "is_url", "open_url", "DownloadError",
     "get_module_from_obj_name", "get_obj_by_name", "call_func_by_name",
     "construct_class_by_name", "parse_int_list", "parse_range", "format_time",
-    "Progress", "Logger",
+    "atomic_path", "Progress", "Logger",
 ]
 
 # ---------------------------------------------------------------------------
@@ -442,6 +442,22 @@ def format_time(seconds):
     if s < 24 * 60 * 60:
         return f"{s // 3600}h {s // 60 % 60:02d}m"
     return f"{s // 86400}d {s // 3600 % 24:02d}h"
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside `path` to write to; rename it to `path` when the block
+    succeeds, delete it when it fails. Readers never see a half-written file, an interrupted
+    write never destroys the previous one, and a full disk leaves nothing behind. (A kill -9
+    can leave the temporary `PATH.tmp-PID-XXXXXXXX`; the training loops remove those of dead
+    processes.)"""
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class Progress:

@@ -2,12 +2,12 @@
 atomically, grids and side-by-side grids."""
 
 import math
-import os
-import uuid
 
 import numpy as np
 import PIL.Image
 import torch
+
+import dnnlib
 
 def to_uint8(x):
     """Float images in [-1, 1] to uint8, the EDM way: (x*127.5+128).clip(0,255)."""
@@ -28,14 +28,8 @@ def write_png(array_hwc, path):
     # uint8 HxW becomes mode 'L', uint8 HxWx3 mode 'RGB'.
     array = array_hwc[:, :, 0] if array_hwc.shape[2] == 1 else array_hwc
     image = PIL.Image.fromarray(np.ascontiguousarray(array))
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}')
-    try:
+    with dnnlib.util.atomic_path(path) as tmp_path:
         image.save(tmp_path, format='PNG')
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 def save_image(image, path):
     """Save one image (CHW, uint8 or float in [-1, 1]) as a grayscale or RGB PNG."""

@@ -254,13 +254,8 @@ def save_network_pkl(data, path):
     The file appears under its final name only once it is complete, so an interrupted save
     never leaves a truncated snapshot behind and never destroys an existing one.
     """
-    tmp_path = f'{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
-    try:
+    with dnnlib.util.atomic_path(path) as tmp_path:
         with open(tmp_path, 'wb') as f:
             pickle.dump(data, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)

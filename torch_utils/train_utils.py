@@ -10,6 +10,7 @@ import zipfile
 
 import torch
 
+import dnnlib
 from torch_utils import distributed
 
 def split_batch(batch_size, batch_gpu, world_size):
@@ -128,27 +129,17 @@ def _pid_alive(pid):
 
 def write_atomic(path, text):
     """Write a text file under a temporary name, then rename: never a half-written file."""
-    tmp = f'{path}.tmp-{os.getpid()}'
-    try:
+    with dnnlib.util.atomic_path(path) as tmp:
         with open(tmp, 'w', encoding='utf-8') as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 def save_training_state(path, state):
     """torch.save under a temporary name, then rename; a failed save (a full disk) leaves no
     partial file and never replaces the previous state."""
-    tmp = f'{path}.tmp-{os.getpid()}'
-    try:
+    with dnnlib.util.atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 def truncate_jsonl(path, keep):
     """Keep only the records of a JSON-lines file for which keep(record) is true (a resumed run
