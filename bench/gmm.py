@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from refine import toy_experiment # pylint: disable=wrong-import-position
-from refine.divergences import DIVERGENCES # pylint: disable=wrong-import-position
+from refine.divergences import DIVERGENCES, coerce_options # pylint: disable=wrong-import-position
 from refine.teachers import GMM_PRESETS # pylint: disable=wrong-import-position
 
 def header(factors):
@@ -56,16 +56,11 @@ def parse_spec(spec):
         key, sep, value = pair.partition('=')
         if not sep:
             raise click.BadParameter(f"expected NAME:KEY=VALUE, got '{spec}'", param_hint='--divergences')
-        opts[key] = _parse_value(value)
-    return name, opts
-
-def _parse_value(text):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return dict(true=True, false=False).get(text.lower(), text)
+        opts[key] = value
+    try: # typed by the divergence's own defaults, as refine.py --div-opt does
+        return name, coerce_options(name, opts)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--divergences') from None
 
 @click.command()
 @click.option('--presets', default=','.join(GMM_PRESETS), show_default=True, help='Comma-separated presets')
