@@ -111,6 +111,7 @@ def saved_options(run_dir, ctx):
 @click.option('--truncation',   help='StyleGAN --gen: truncation psi [default: 1]', type=cli.FiniteFloat(), default=None)
 @click.option('--noise-mode',   help='StyleGAN --gen: per-layer noise [default: random]', type=click.Choice(['random', 'const', 'none']), default=None)
 @click.option('--train-params', help='StyleGAN --gen: parameters to refine; synthesis = mapping frozen [default: all]', type=click.Choice(['all', 'synthesis', 'mapping']), default=None)
+@click.option('--data',         help='Dataset (ZIP or folder, dataset_tool.py) for the optional real-data GAN terms; needed by sida, dmd2  [default: none, data-free]', metavar='ZIP|DIR', type=str, default=None)
 @click.option('--fake-warmup',  help='First KIMG of --kimg update only the fake score (a GAN far from the teacher) [default: 0]', metavar='KIMG', type=cli.nonnegative_float(), default=None)
 @click.option('--fake-steps',   help='Fake-score updates per generator update  [default: the divergence\'s (1; dmd/fdiv 5); at least 4 for gmm: teachers]', type=click.IntRange(min=1), default=None)
 @click.option('--ema',          help=f"EMA half-life of the generator [kimg]  {_default('ema')}", type=cli.nonnegative_float(), default=None)

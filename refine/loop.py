@@ -7,12 +7,14 @@ from torch_utils.rng, so a resumed run or a torchrun run reproduces one uninterr
 
 Optional divergence hooks (duck-typed: a divergence defines only those it needs, and the loop
 has no code for any particular one):
-  setup(G=G, teacher=teacher)     build divergence-owned modules once the shapes are known
+  setup(G=G, teacher=teacher, fake=fake)
+                                  build divergence-owned modules once the shapes are known
                                   (called once, under a seed derived from the run's seed);
-  trainable_modules()             those modules: trained by one extra Adam optimizer, in the
-                                  update named by `module_phase` ('generator' or 'fake': the
-                                  update whose loss they take part in), at `module_lr` (None:
-                                  that update's learning rate); saved in the training state;
+  trainable_modules()             those modules: trained by an extra Adam optimizer per update
+                                  they take part in, named by `module_phase` ('generator' or
+                                  'fake'; a module's own attribute, else the divergence's), at
+                                  `module_lr` (likewise; None: that update's learning rate);
+                                  saved in the training state;
   set_progress(cur_nimg)          called before every iteration (annealed schedules);
   draw_latents(rnd, z_shape)      the generator-update latents (e.g. antithetic pairs);
   uses_latents = True             generator_loss() then also receives `z=` those latents.
@@ -94,19 +96,30 @@ def refinement_loop(
     if hasattr(divergence, 'setup'):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, 'divergence-setup'))
-            divergence.setup(G=G, teacher=teacher)
+            divergence.setup(G=G, teacher=teacher, fake=fake)
     extra = list(divergence.trainable_modules()) if hasattr(divergence, 'trainable_modules') else []
     for module in extra:
         module.to(device).train().requires_grad_(True)
         distributed.broadcast_module(module)
-    extra_phase = getattr(divergence, 'module_phase', 'generator')
-    if extra_phase not in ('generator', 'fake'):
-        raise ValueError(f"divergence module_phase must be 'generator' or 'fake', got {extra_phase!r}")
-    x_opt = None
-    if extra:
-        x_lr = getattr(divergence, 'module_lr', None) or (g_lr if extra_phase == 'generator' else f_lr)
-        x_opt = levers.adam([p for m in extra for p in m.parameters()], lr=x_lr, betas=betas)
-    x_group = [(extra, x_opt)] if extra else []
+    by_phase = {} # phase -> its modules, in the order trainable_modules() gives them
+    for module in extra:
+        phase = getattr(module, 'module_phase', None) or getattr(divergence, 'module_phase', 'generator')
+        if phase not in ('generator', 'fake'):
+            raise ValueError(f"divergence module_phase must be 'generator' or 'fake', got {phase!r}")
+        by_phase.setdefault(phase, []).append(module)
+    x_groups = {} # phase -> (modules, one Adam over them; a parameter group per learning rate)
+    for phase, modules in by_phase.items():
+        lrs = [(module.module_lr if hasattr(module, 'module_lr') else getattr(divergence, 'module_lr', None))
+            or (g_lr if phase == 'generator' else f_lr) for module in modules]
+        if len(set(lrs)) == 1:
+            x_opt = levers.adam([p for m in modules for p in m.parameters()], lr=lrs[0], betas=betas)
+        else:
+            x_opt = levers.adam([dict(params=list(m.parameters()), lr=lr) for m, lr in zip(modules, lrs)],
+                lr=lrs[0], betas=betas)
+        x_groups[phase] = (modules, x_opt)
+    x_opts = [x_opt for _, x_opt in x_groups.values()]
+    def x_group(phase):
+        return [x_groups[phase]] if phase in x_groups else []
     uses_latents = getattr(divergence, 'uses_latents', False)
 
     cur_nimg, cur_tick = 0, 0
@@ -120,7 +133,9 @@ def refinement_loop(
         if extra:
             for module, sd in zip(extra, state['divergence_modules']):
                 module.load_state_dict(sd)
-            x_opt.load_state_dict(state['x_opt'])
+            saved = state['x_opt'] if isinstance(state['x_opt'], list) else [state['x_opt']]
+            for x_opt, sd in zip(x_opts, saved):
+                x_opt.load_state_dict(sd)
         cur_nimg, cur_tick = state['cur_nimg'], state['cur_tick']
         say(f'Resuming from {resume_state} at {cur_nimg / 1e3:.1f} kimg')
         if is_main: # the ticks after the state are replayed: their records go
@@ -194,7 +209,7 @@ def refinement_loop(
         def fake_updates(): # on detached generator samples
             for k in range(divergence.fake_steps):
                 fake.train()
-                accumulate_and_step([([fake], f_opt)] + (x_group if extra_phase == 'fake' else []),
+                accumulate_and_step([([fake], f_opt)] + x_group('fake'),
                     lambda r, k=k: fake_round(r, k))
 
         def gen_round(r):
@@ -222,7 +237,7 @@ def refinement_loop(
         if not warming_up:
             with levers.phase('generator'):
                 fake.eval()
-                accumulate_and_step([([G], g_opt)] + (x_group if extra_phase == 'generator' else []), gen_round)
+                accumulate_and_step([([G], g_opt)] + x_group('generator'), gen_round)
         if reuse:
             with levers.phase('fake'):
                 fake_updates()
@@ -285,7 +300,8 @@ def refinement_loop(
                 dict(G=G.state_dict(), G_ema=G_ema.state_dict(), fake=fake.state_dict(),
                     g_opt=g_opt.state_dict(), f_opt=f_opt.state_dict(),
                     cur_nimg=cur_nimg, cur_tick=cur_tick,
-                    **(dict(divergence_modules=[m.state_dict() for m in extra], x_opt=x_opt.state_dict())
+                    **(dict(divergence_modules=[m.state_dict() for m in extra],
+                        x_opt=x_opts[0].state_dict() if len(x_opts) == 1 else [o.state_dict() for o in x_opts])
                         if extra else {})))
         distributed.barrier()
         tick_start_nimg, tick_start_time = cur_nimg, time.time()

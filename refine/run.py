@@ -6,7 +6,7 @@ import shutil
 
 import dnnlib
 from refine import generators, teachers
-from refine.divergences import DIVERGENCES, make_divergence
+from refine.divergences import DIVERGENCES, DataError, adversarial, make_divergence
 from refine.loop import refinement_loop
 from torch_utils import distributed, train_utils
 
@@ -14,6 +14,7 @@ DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, s
     kimg=200.0, tick=1.0, snap=10, seed=0, ema=0.5, fake_steps=None, mlp_hidden=256, div_opt=None,
     metrics=None, metric_ref=None, metric_batch=64, truncation=None, noise_mode=None, train_params=None,
     max_minutes=None, fake_warmup=0.0,
+    data=None, # a dataset for the optional real-data terms (refine/divergences/adversarial.py)
     # Speed levers (refine/speed.py, training/networks_edm.py IMPLEMENTATION; docs/performance.md).
     reuse_samples=False, amp='off', compile=False, fused_optim=True, tf32=True,
     attention='auto', dropout_mask='uniform', channels_last=False, recompute=True)
@@ -40,6 +41,8 @@ def resolve_options(opts):
         # fake score (VarDiU) takes none, one that asks for more (DMD2: 5) keeps its ratio.
         own = getattr(method, 'default_fake_steps', 1)
         o.fake_steps = 0 if not getattr(method, 'uses_fake_score', True) else max(o.fake_steps, own)
+    if o.data and o.divergence == 'fdiv' and 'ratio' not in o.div_opt:
+        o.div_opt['ratio'] = 'disc' # f-distill's published ratio, from the discriminator
     return o
 
 def prepare(o):
@@ -67,11 +70,17 @@ def prepare(o):
             raise ValueError(f'--metrics {o.metrics}: image metrics, but this generator makes vectors')
         registry.check_reference(o.metrics, o.metric_ref)
     fake = generators.build_fake_score(teacher, mlp_kwargs=mlp_kwargs)
+    data = None
+    if o.get('data'): # real images, checked against the teacher now (refine/divergences/adversarial.py)
+        data = adversarial.open_images(o.data, teacher)
+        adversarial.bottleneck_block(fake) # a fake score with a UNet bottleneck, or one line
     div_kwargs = dict(o.get('div_opt') or {}, sigma_data=teacher.sigma_data)
     if o.fake_steps is not None:
         div_kwargs['fake_steps'] = o.fake_steps
     try:
-        divergence = make_divergence(o.divergence, **div_kwargs)
+        divergence = make_divergence(o.divergence, data=data, **div_kwargs)
+    except DataError:
+        raise
     except ValueError as e:
         raise ValueError(f'--divergence {o.divergence} --div-opt: {e}') from None
     if hasattr(divergence, 'check_batch'):

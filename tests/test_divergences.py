@@ -428,7 +428,7 @@ def test_div_opt_values_and_method_sigma_init():
         assert o.sigma_init == expected and o.fake_steps is None
         assert make_divergence(name).fake_steps == dict(dmd=5, fdiv=5, vardiu=0).get(name, 1)
     assert run.resolve_options(dict(teacher='edm.pkl', gen='teacher', divergence='sid', sigma_init=1.5)).sigma_init == 1.5
-    assert set(DIVERGENCES) == {'di', 'sid', 'dmd', 'sim', 'fdiv', 'vardiu'}
+    assert set(DIVERGENCES) == {'di', 'sid', 'dmd', 'sim', 'fdiv', 'vardiu', 'sida', 'dmd2'} # the last two need --data
 
 def test_bench_runs_every_divergence_with_time_to_floor(tmp_path):
     from click.testing import CliRunner # pylint: disable=import-outside-toplevel

@@ -15,9 +15,11 @@ Decisions:
     1000 discrete bins: the same distribution up to discreteness.
   * DMD2 builds 0.5·MSE(x_g, sg(x_g − g)) with *mean* reduction, i.e. g/numel; we keep the sum
     (gradient exactly g, as for Diff-Instruct). Adam cancels the constant factor.
-  * Not implemented, because they need data: DMD2's GAN classifier on the fake score's
-    bottleneck (real images) and DMD's LPIPS regression loss (pairs of noise and teacher ODE
-    outputs; data-free in principle but needs an offline teacher-sampling pass and LPIPS).
+  * DMD2's GAN classifier on the fake score's bottleneck needs real images: `dmd2`, or any
+    divergence with `refine.py --data` (refine/divergences/adversarial.py; DMD2's weights are
+    the generic defaults there). Not implemented: DMD's LPIPS regression loss (pairs of noise
+    and teacher ODE outputs; data-free in principle but needs an offline teacher-sampling pass
+    and LPIPS).
   * The denominator is clipped at 1e-5 (SiD's clip; FastGen adds 1e-6).
 """
 
@@ -57,3 +59,12 @@ class DistributionMatching(Divergence):
 
     def options(self):
         return dict(super().options(), u_min=self.u_min, u_max=self.u_max, normalise=self.normalise)
+
+class DMD2(DistributionMatching):
+    """DMD2 (Yin et al., NeurIPS 2024): DMD's gradient (as `dmd`: no regression loss, 5 fake
+    updates per generator update, the two-time-scale rule) plus a GAN classifier on the fake
+    score's bottleneck trained on real images, with weights 3e-3 (generator) and 1e-2
+    (classifier) and the diffusion GAN's noise over the whole Karras grid (the generic
+    defaults of refine/divergences/adversarial.py). It needs `--data`."""
+    name = 'dmd2'
+    needs_data = True

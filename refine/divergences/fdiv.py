@@ -16,8 +16,12 @@ Karras sampling with FastGen's range u ∈ [0.002, 0.998]; 5 fake updates per ge
 generator input at σ = 80 (`default_sigma_init`, FastGen builds on DMD2).
 
 Where r comes from (`ratio`):
-  * f-distill's discriminator (a classifier of real vs generated samples on the fake score's
-    features, also used as a GAN loss) needs real data. It is not implemented.
+  * 'disc' (the published method; the default when `refine.py --data` is given): r = D/(1 − D)
+    = exp(ℓ) from the GAN discriminator on the fake score's bottleneck, trained on real vs
+    generated samples (refine/divergences/adversarial.py), at the same x_t as the loss; its GAN
+    term is added to the generator loss with weight 1e-3 (FastGen's base setting), and the
+    discriminator and that term draw σ from the same u ∈ [0.002, 0.998] Karras range. Needs
+    --data.
   * 'score' (default, data-free): a log-ratio head ℓ_η(x_t, σ) trained so that its input
     gradient matches the score difference the teacher and fake denoisers already give,
     ∇_x log r = s_φ − s_ψ = (D_φ − D_ψ)/σ²:
@@ -67,8 +71,8 @@ class FDivergence(Divergence):
             fake_sigma_kwargs=fake_sigma_kwargs, **kwargs)
         if f not in F_NAMES:
             raise ValueError(f"unknown f-divergence '{f}' (choose from {', '.join(F_NAMES)})")
-        if not (callable(ratio) or ratio in ('score', 'one')):
-            raise ValueError(f"ratio must be 'score', 'one' or a callable, got {ratio!r}")
+        if not (callable(ratio) or ratio in ('score', 'one', 'disc')):
+            raise ValueError(f"ratio must be 'score', 'one', 'disc' or a callable, got {ratio!r}")
         self.f, self.ratio = f, ratio
         self.logit_clip, self.ratio_min, self.ratio_max = float(logit_clip), float(ratio_min), float(ratio_max)
         self.ratio_bins = int(ratio_bins)
@@ -78,10 +82,19 @@ class FDivergence(Divergence):
         self.gen_sigma = noise.KarrasUniformSigma(u_min=self.u_min, u_max=self.u_max, scale=self.sigma_data / 0.5)
         self.head = None
         self.teacher = None
+        self.disc_log_ratio = None # set by the real-data terms (ratio='disc')
+
+    # With --data: FastGen's f-distill settings on top of DMD2's (GAN weight 1e-3, σ over
+    # u ∈ [0.002, 0.998] like the divergence's own).
+    adversarial_defaults = dict(weight=1e-3, u_min=0.002, u_max=0.998)
+
+    @property
+    def needs_data(self):
+        return self.ratio == 'disc'
 
     # Loop hooks ---------------------------------------------------------------------------
 
-    def setup(self, G, teacher):
+    def setup(self, G, teacher, fake=None):
         self.teacher = teacher
         if self.ratio == 'score' and self.head is None:
             self.head = NoiseConditionedMLP(math.prod(G.out_shape), 1, self.sigma_data,
@@ -98,6 +111,10 @@ class FDivergence(Divergence):
             return self.ratio(x_t, sigma, labels).reshape(-1)
         if self.ratio == 'one':
             return torch.zeros(x_t.shape[0], dtype=x_t.dtype, device=x_t.device)
+        if self.ratio == 'disc':
+            if self.disc_log_ratio is None:
+                raise RuntimeError("fdiv with ratio='disc' needs the real-data terms (refine.py --data)")
+            return self.disc_log_ratio(x_t, sigma, labels).reshape(-1)
         if self.head is None:
             raise RuntimeError("fdiv with ratio='score': call setup(G=..., teacher=...) (the loop does) first")
         return self.head(x_t, sigma, labels).reshape(-1)

@@ -24,7 +24,7 @@ Decisions:
   * SiD scales the loss by lsg = 100 and sums over pixels. Adam is invariant to a constant
     factor (up to its eps), so the default `loss_scale` is 1, like every other divergence here;
     pass loss_scale=100 to reproduce the official numbers exactly.
-  * SiDA (the GAN variant) needs real data; it is not implemented.
+  * SiDA (the GAN variant, `sida`) needs real data: `refine.py --data` (refine/divergences/adversarial.py).
   * The official code drops samples with NaNs; here the loop's nan_to_num on gradients is the
     only guard.
 """
@@ -69,6 +69,12 @@ class ScoreIdentity(Divergence):
     default_sigma_init = 2.5
     default_fake_steps = 1
 
+    # With --data: SiDA's discriminator (channel mean of the bottleneck, no parameters), trained
+    # with lsd·λ(σ)·½[BCE_real + BCE_fake] at σ ~ LogNormal(−1.2, 1.2) (lsd = 1), and the
+    # generator's 0.5·L_SiD + 0.5·0.01·BCE/wf, i.e. L_SiD + 0.01·BCE/wf under Adam, at SiD's σ.
+    adversarial_defaults = dict(weight=0.01, disc_weight=0.5, sigma='lognormal', gen_sigma='divergence',
+        head='mean', normalise=True, disc_weighting='edm')
+
     def __init__(self, sigma_data=0.5, fake_steps=1, alpha=1.2, tmax=800, normalise=True,
             loss_scale=1.0, **kwargs):
         super().__init__(sigma_data=sigma_data, fake_steps=fake_steps, **kwargs)
@@ -95,3 +101,11 @@ class ScoreIdentity(Divergence):
     def options(self):
         return dict(super().options(), alpha=self.alpha, tmax=self.tmax, normalise=self.normalise,
             loss_scale=self.loss_scale)
+
+class SiDA(ScoreIdentity):
+    """SiDA (Zhou et al., ICLR 2025): SiD plus a GAN on the fake score's encoder bottleneck,
+    trained on real images. The SiD part is `sid`'s; the adversarial part, with SiDA's weights
+    and noise levels (`adversarial_defaults` above), is refine/divergences/adversarial.py's.
+    It needs `--data`; SiD²A (G initialised from a SiD run) is `--gen SID_SNAPSHOT.pkl`."""
+    name = 'sida'
+    needs_data = True

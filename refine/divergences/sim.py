@@ -43,12 +43,15 @@ import torch
 
 from refine import noise
 from refine.divergences.base import Divergence
-from refine.divergences.sid import frozen_parameters, sid_sigma
+from refine.divergences.sid import ScoreIdentity, frozen_parameters, sid_sigma
 
 class ScoreImplicitMatching(Divergence):
     name = 'sim'
     grad_through_networks = True
     default_sigma_init = 2.5
+    # With --data: SiDA's adversarial settings (Uni-Instruct's released code adds SiDA's GAN
+    # term to the SIM-ℓ2 / SiD α = 1 loss in the same way).
+    adversarial_defaults = ScoreIdentity.adversarial_defaults
     default_fake_steps = 1
 
     def __init__(self, sigma_data=0.5, fake_steps=1, huber_c=0.00054, form='sim', tmax=800, **kwargs):

@@ -120,7 +120,7 @@ class VarDiU(Divergence):
 
     # Loop hooks ---------------------------------------------------------------------------
 
-    def setup(self, G, teacher):
+    def setup(self, G, teacher, fake=None):
         if self.encoder is None:
             self.encoder = GaussianEncoder(G.out_shape, G.z_shape, self.sigma_data,
                 label_dim=getattr(G, 'label_dim', 0), hidden=self.encoder_hidden, num_layers=self.encoder_layers)
