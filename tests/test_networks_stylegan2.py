@@ -135,10 +135,13 @@ def test_source_marker_selects_classes():
     for name in ['Generator', 'MappingNetwork', 'SynthesisNetwork', 'FullyConnectedLayer',
             'Conv2dLayer', 'Discriminator', 'MinibatchStdLayer']:
         assert safe_pickle.find_known_class(name, src) is getattr(sg2, name)
-    # A StyleGAN3 networks_stylegan3.py source (no SynthesisBlock) must not map to our SG2 classes.
+    # A StyleGAN3 networks_stylegan3.py source (no SynthesisBlock) maps to our StyleGAN3
+    # classes, not to the StyleGAN2 ones of the same names.
+    from training import networks_stylegan3 as sg3
     sg3_like = 'class SynthesisInput(torch.nn.Module):\nclass SynthesisLayer(torch.nn.Module):\n'
     for name in ['Generator', 'MappingNetwork', 'SynthesisNetwork', 'SynthesisLayer', 'FullyConnectedLayer']:
-        assert safe_pickle.find_known_class(name, sg3_like) is None
+        assert safe_pickle.find_known_class(name, sg3_like) is getattr(sg3, name)
+    assert safe_pickle.find_known_class('Generator', 'class Generator(torch.nn.Module):\n') is None
     # EDM names still resolve to the EDM classes, whatever the source.
     from training import networks_edm
     for name in ['Conv2d', 'Linear', 'EDMPrecond']:

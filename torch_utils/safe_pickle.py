@@ -41,6 +41,8 @@ KNOWN_CLASS_MODULES = {
     'training.conv_discriminator': None,
     # StyleGAN3's networks_stylegan3.py reuses these class names but has no SynthesisBlock.
     'training.networks_stylegan2': 'class SynthesisBlock',
+    # StyleGAN3 -t/-r (NVlabs' training/networks_stylegan3.py, or ours).
+    'training.networks_stylegan3': 'class SynthesisInput',
     # EDM2 (NVlabs' training/networks_edm2.py and training/encoders.py, or ours); its generic
     # class names (UNet, Block, Precond) apply only to sources that define these classes.
     'training.networks_edm2': 'class MPConv',
@@ -224,8 +226,12 @@ def _rebuild(record, memo):
         return UnknownPersistentObject(record)
     args = _rebuild_all(record.state.get('_init_args') or (), memo)
     kwargs = _rebuild_all(record.state.get('_init_kwargs') or {}, memo)
-    with torch.random.fork_rng(devices=[]): # constructing must not disturb the caller's RNG
-        obj = cls(*args, **kwargs)
+    try:
+        with torch.random.fork_rng(devices=[]): # constructing must not disturb the caller's RNG
+            obj = cls(*args, **kwargs)
+    except (TypeError, ValueError) as e: # arguments our class does not take, or cannot build
+        raise UnsafePickleError(f"pickled '{record.class_name}' has constructor arguments our "
+            f"implementation does not accept ({_first_line(e)}); {ALLOW_CODE_HINT}") from None
     if not isinstance(obj, torch.nn.Module):
         # A plain object (EDMLoss, say) keeps its pickled attributes, as NVlabs loading does;
         # they passed the restricted unpickler, so they are data.
@@ -315,8 +321,12 @@ def load_network_pkl(url_or_path, allow_code=False):
                     print(f"Warning: --allow-pickle-code: {url_or_path} runs its own code for "
                         f"{', '.join(names)}", file=sys.stderr, flush=True)
             return load(f, allow_code=allow_code)
-        except (UnsafePickleError, persistence.PickleCodeRefused):
+        except persistence.PickleCodeRefused:
             raise
+        except UnsafePickleError as e: # name the file, as the errors below do
+            if str(url_or_path) in str(e):
+                raise
+            raise UnsafePickleError(f'{url_or_path}: {e}') from None
         except (EOFError, pickle.UnpicklingError) as e:
             raise UnsafePickleError(f'{url_or_path}: not a complete network pickle ({_first_line(e)})') from None
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:

@@ -66,7 +66,9 @@ class StyleGANGenerator(torch.nn.Module):
     'synthesis' (the mapping network frozen) or 'mapping' (only the mapping network, so only
     the distribution of w moves). The running average `mapping.w_avg`, which StyleGAN tools
     use for truncation, is tracked in training-mode calls exactly when the mapping network is
-    trained, so it stays the mean w of the generator that is saved. `noise_mode` defaults to
+    trained, so it stays the mean w of the generator that is saved. StyleGAN3's per-layer
+    `magnitude_ema` input normalisation is never updated here: the saved generator is the
+    very function whose gradients refinement followed. `noise_mode` defaults to
     'random', the distribution the GAN was trained to produce. fp16 blocks compute in fp32
     off CUDA (`force_fp32=None`), where half-precision convolutions are slow or missing.
     """
@@ -91,7 +93,7 @@ class StyleGANGenerator(torch.nn.Module):
         self.is_vector = False
         # StyleGAN3-style code tracks w_avg only when told (`update_emas`); StyleGAN2-ADA code
         # has no such keyword and tracks it whenever the mapping network is in training mode.
-        self._pass_update_emas = 'update_emas' in inspect.signature(G.forward).parameters
+        self._pass_update_emas = 'update_emas' in inspect.signature(G.mapping.forward).parameters
         self._init_args = ()
         self._init_kwargs = dict(G=G, **self.options())
 
@@ -121,9 +123,14 @@ class StyleGANGenerator(torch.nn.Module):
         if c is None:
             c = torch.zeros([z.shape[0], self.label_dim], device=z.device)
         force_fp32 = (z.device.type != 'cuda') if self.force_fp32 is None else bool(self.force_fp32)
-        kwargs = dict(update_emas=self.G.mapping.training) if self._pass_update_emas else {}
+        if self._pass_update_emas:
+            # What G(z, c) computes, with update_emas for w_avg only (StyleGAN3's synthesis
+            # would update its magnitude EMAs too).
+            ws = self.G.mapping(z.to(torch.float32), c, truncation_psi=self.truncation_psi,
+                update_emas=self.G.mapping.training)
+            return self.G.synthesis(ws, noise_mode=self.noise_mode, force_fp32=force_fp32)
         return self.G(z.to(torch.float32), c, truncation_psi=self.truncation_psi,
-            noise_mode=self.noise_mode, force_fp32=force_fp32, **kwargs)
+            noise_mode=self.noise_mode, force_fp32=force_fp32)
 
 def is_stylegan_generator(module):
     """StyleGAN2/3 generators, whichever code built them (checked by attribute)."""
