@@ -4,6 +4,7 @@ checks of the Fourier input, the modulated convolution, the filter design, a who
 the mapping network, and a refinement run from a StyleGAN3 pickle."""
 
 import ast
+import collections
 import copy
 import glob
 import io
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+import dnnlib
 import generate
 from refine import generators
 from torch_utils import persistence, safe_pickle
@@ -70,6 +72,13 @@ def _inputs(c_dim, n=4, seed=1):
 
 def _for_pickle(module):
     return copy.deepcopy(module).eval().requires_grad_(False).cpu()
+
+class _Forged:
+    """Pickles as a persistent object with the given meta (class name, source, state)."""
+    def __init__(self, meta):
+        self.meta = meta
+    def __reduce__(self):
+        return (persistence._reconstruct_persistent_obj, (self.meta,))
 
 @pytest.fixture
 def fresh_sources():
@@ -273,6 +282,41 @@ def test_snapshot_round_trip_safe_equals_code(name, fresh_sources):
     # Pickled again, the safe-loaded networks are the same pickle (same embedded source).
     again = pickle.dumps(dict(G_ema=safe['G_ema']))
     assert [r.class_name for r in _records(again)] == [r.class_name for r in _records(pickle.dumps(dict(G_ema=data['G_ema'])))]
+
+# Stands in for NVlabs' own networks_stylegan3.py: the safe loader must never run it.
+_FOREIGN_SRC = ("raise SystemExit('the embedded source ran')\n"
+    "class SynthesisInput(torch.nn.Module): pass\nclass SynthesisLayer(torch.nn.Module): pass\n")
+_NUMPY_ARRAYS = ('size', 'in_size', 'out_size')
+_NUMPY_FLOATS = ('sampling_rate', 'bandwidth', 'in_cutoff', 'out_cutoff', 'in_half_width', 'out_half_width', 'weight_gain')
+
+def _nvlabs_style(module):
+    """A module tree as NVlabs' code pickles it: numpy arrays and float64 scalars among the
+    attributes, EasyDicts in the recorded kwargs, and (here) a source that is not ours."""
+    state = dict(vars(module))
+    state['_modules'] = collections.OrderedDict((k, _nvlabs_style(v)) for k, v in state['_modules'].items())
+    for key in _NUMPY_ARRAYS:
+        if key in state:
+            state[key] = np.broadcast_to(np.asarray(state[key]), [2])
+    for key in _NUMPY_FLOATS:
+        if key in state:
+            state[key] = np.float64(state[key])
+    state['_init_kwargs'] = dnnlib.EasyDict({k: dnnlib.EasyDict(v) if isinstance(v, dict) else v
+        for k, v in state['_init_kwargs'].items()})
+    return _Forged(dict(type='class', version=6, module_src=_FOREIGN_SRC, class_name=type(module).__name__, state=state))
+
+def test_nvlabs_style_pickle_loads_safely_without_running_its_source():
+    data = _snapshot('r-cond')
+    raw = pickle.dumps(dict(G=_nvlabs_style(data['G']), D=data['D'], G_ema=_nvlabs_style(data['G_ema']),
+        augment_pipe=None, training_set_kwargs=data['training_set_kwargs']))
+    assert b'numpy' in raw and b'EasyDict' in raw
+    safe = safe_pickle.load(io.BytesIO(raw))
+    assert isinstance(safe['G_ema'], sg3.Generator) and isinstance(safe['D'], sg2.Discriminator)
+    assert safe['G_ema'].mapping.num_layers == 2
+    z, c = _inputs(3)
+    with torch.no_grad():
+        assert torch.equal(safe['G_ema'](z, c, truncation_psi=0.8), data['G_ema'](z, c, truncation_psi=0.8))
+    with pytest.raises(persistence.PickleCodeRefused, match='embeds source code'):
+        pickle.load(io.BytesIO(raw)) # plain pickle.load refuses the foreign source too
 
 def test_embedded_source_needs_only_what_nvlabs_provides():
     """The file runs inside NVlabs' StyleGAN3 code base when it loads our pickles: only the
@@ -520,12 +564,6 @@ def test_generator_is_its_layers_in_sequence():
 
 #----------------------------------------------------------------------------
 # Refusals: one line naming the file.
-
-class _Forged:
-    def __init__(self, meta):
-        self.meta = meta
-    def __reduce__(self):
-        return (persistence._reconstruct_persistent_obj, (self.meta,))
 
 def _forged_pickle(path, **kwarg_changes):
     G = _for_pickle(make_G(**CONFIGS['t-uncond']))
