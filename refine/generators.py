@@ -6,8 +6,9 @@
   * a pickle path or URL: one of our snapshots (its `G_ema`); a StyleGAN2-ADA or StyleGAN3
     (-t, -r) pickle (its `G_ema`, rebuilt as our networks without running the pickle's code,
     wrapped as `StyleGANGenerator` with truncation, noise mode and the parameters to train;
-    its D, augment_pipe and training_set_kwargs are carried into the snapshots); or a Diff-Instruct / SiD / EDM pickle whose `ema` network becomes a one-step
-    generator at `--sigma-init`.
+    its D, augment_pipe and training_set_kwargs are carried into the snapshots); or a
+    Diff-Instruct / SiD / EDM pickle whose `ema` network becomes a one-step generator at
+    `--sigma-init`.
 """
 
 import copy
