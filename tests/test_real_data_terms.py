@@ -312,3 +312,40 @@ def test_vector_teacher_with_data_is_one_line_error(bad):
     result = CliRunner().invoke(refine_cli.main, ['--teacher', 'gmm:ring8', '--gen', 'mlp', '--outdir',
         str(bad / 'runs'), '--data', str(bad / 'good-for-bad.zip')])
     assert result.exit_code not in (0, None) and 'image teacher' in result.output.strip().splitlines()[-1], result.output
+
+#----------------------------------------------------------------------------
+# The loop's hook for divergence-owned modules: a phase and a learning rate per module.
+
+def test_modules_in_both_updates_get_one_optimizer_each_and_resume_exactly(ws, tmp_path):
+    """A divergence owning a generator-update module and (with --data) the fake-update head:
+    two extra optimizers, saved as a list, and a resume that reproduces the uninterrupted run."""
+    from refine import run # pylint: disable=import-outside-toplevel
+    from refine.divergences.di import DiffInstruct # pylint: disable=import-outside-toplevel
+
+    class Scaled(DiffInstruct): # DI with a learnt (generator-update) scale on its loss
+        module_phase = 'generator'
+        def setup(self, G, teacher, fake=None):
+            self.scale = torch.nn.Linear(1, 1)
+        def trainable_modules(self):
+            return [self.scale]
+        def generator_loss(self, teacher, fake, x_g, labels, rnd, **kwargs):
+            loss, stats = super().generator_loss(teacher, fake, x_g, labels, rnd)
+            return loss * (1 + 0.1 * torch.tanh(self.scale(torch.ones(1, 1)))).reshape(()), stats
+
+    def one_run(outdir, kimg, resume=None):
+        o = run.resolve_options(dict(teacher=ws['teacher'], gen='teacher', divergence='di', batch=4, lr=1e-3,
+            glr=1e-3, kimg=kimg, tick=0.004, snap=1, seed=6, data=ws['data'], allow_pickle_code=False))
+        torch.manual_seed(o.seed)
+        setup = run.prepare(o)
+        base = Scaled(sigma_data=0.5)
+        setup.divergence = adversarial.with_real_data(base, setup.divergence.images)
+        os.makedirs(outdir, exist_ok=True)
+        run.launch(setup, str(outdir), resume_state=resume, log=lambda *_: None)
+        states = sorted(f for f in os.listdir(outdir) if f.startswith('training-state-'))
+        return os.path.join(outdir, states[-1])
+
+    a = torch.load(one_run(tmp_path / 'a', 0.012), weights_only=True)
+    mid = one_run(tmp_path / 'b', 0.004)
+    b = torch.load(one_run(tmp_path / 'b', 0.012, resume=mid), weights_only=True)
+    assert isinstance(a['x_opt'], list) and len(a['x_opt']) == 2 and len(a['divergence_modules']) == 2
+    assert golden.digest_state(a) == golden.digest_state(b)
