@@ -262,6 +262,8 @@ def with_real_data(divergence, images, **gan_options):
     options = dict(gan_defaults(type(divergence)), **gan_options)
     return AdversarialTerms(divergence, images, **options)
 
+CACHE_BYTES = 1 << 30
+
 def open_images(path, teacher):
     """The dataset at `path` (dataset_tool.py's format, ZIP or folder) as RealImages, checked
     against the teacher before any work: every image readable and alike, the teacher's
@@ -275,8 +277,10 @@ def open_images(path, teacher):
             f'{tuple(teacher.shape)} vectors')
     label_dim = int(teacher.label_dim)
     try:
-        dataset = ImageFolderDataset(path, use_labels=label_dim > 0, cache=True)
+        dataset = ImageFolderDataset(path, use_labels=label_dim > 0)
         dataset.check_images()
+        # Keep decoded images in memory when they all fit in CACHE_BYTES (MNIST, CIFAR-10).
+        dataset._cache = len(dataset) * math.prod(dataset.image_shape) <= CACHE_BYTES # pylint: disable=protected-access
         has_labels = dataset.has_labels if label_dim else False
     except OSError as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
