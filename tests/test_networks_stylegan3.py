@@ -279,9 +279,20 @@ def test_snapshot_round_trip_safe_equals_code(name, fresh_sources):
         for net in nets[1:]:
             assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), nets[0].state_dict().values()))
 
-    # Pickled again, the safe-loaded networks are the same pickle (same embedded source).
-    again = pickle.dumps(dict(G_ema=safe['G_ema']))
-    assert [r.class_name for r in _records(again)] == [r.class_name for r in _records(pickle.dumps(dict(G_ema=data['G_ema'])))]
+    # Pickled again, the safe-loaded networks are the same records: classes, embedded source,
+    # every attribute and every tensor (None filters included).
+    again, first = _records(pickle.dumps(dict(G_ema=safe['G_ema']))), _records(pickle.dumps(dict(G_ema=data['G_ema'])))
+    # G, synthesis, input and its affine, 15 layers and their affines, mapping, 2 fcs (+ embed)
+    assert len(again) == len(first) == 1 + 1 + 2 + 30 + 1 + 2 + (c_dim > 0)
+    for a, b in zip(again, first):
+        assert (a.class_name, a.module_src) == (b.class_name, b.module_src)
+        assert list(a.state) == list(b.state)
+        for key, value in a.state.items():
+            if key in ('_parameters', '_buffers'):
+                assert list(value) == list(b.state[key])
+                assert all((v is None and b.state[key][k] is None) or torch.equal(v, b.state[key][k]) for k, v in value.items())
+            elif key != '_modules':
+                assert value == b.state[key], (a.class_name, key)
 
 # Stands in for NVlabs' own networks_stylegan3.py: the safe loader must never run it.
 _FOREIGN_SRC = ("raise SystemExit('the embedded source ran')\n"
