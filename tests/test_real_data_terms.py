@@ -349,3 +349,11 @@ def test_modules_in_both_updates_get_one_optimizer_each_and_resume_exactly(ws, t
     b = torch.load(one_run(tmp_path / 'b', 0.012, resume=mid), weights_only=True)
     assert isinstance(a['x_opt'], list) and len(a['x_opt']) == 2 and len(a['divergence_modules']) == 2
     assert golden.digest_state(a) == golden.digest_state(b)
+
+def test_fdiv_takes_the_published_ratio_with_data_only():
+    from refine import run # pylint: disable=import-outside-toplevel
+    with_data = run.resolve_options(dict(teacher='edm.pkl', gen='teacher', divergence='fdiv', data='d.zip'))
+    assert with_data.div_opt == dict(ratio='disc')
+    assert run.resolve_options(dict(teacher='edm.pkl', gen='teacher', divergence='fdiv')).div_opt == {}
+    chosen = run.resolve_options(dict(teacher='edm.pkl', gen='teacher', divergence='fdiv', data='d.zip', div_opt=dict(ratio='score')))
+    assert chosen.div_opt == dict(ratio='score')
