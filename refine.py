@@ -115,6 +115,7 @@ def saved_options(run_dir, ctx):
 @click.option('--fake-warmup',  help='First KIMG of --kimg update only the fake score (a GAN far from the teacher) [default: 0]', metavar='KIMG', type=cli.nonnegative_float(), default=None)
 @click.option('--fake-steps',   help='Fake-score updates per generator update  [default: the divergence\'s (1; dmd/fdiv 5); at least 4 for gmm: teachers]', type=click.IntRange(min=1), default=None)
 @click.option('--ema',          help=f"EMA half-life of the generator [kimg]  {_default('ema')}", type=cli.nonnegative_float(), default=None)
+@click.option('--ema-rampup',   help=f"EMA ramp-up: half-life at most this fraction of the images seen; 0 = off  {_default('ema_rampup')}", type=cli.nonnegative_float(), default=None)
 @click.option('--kimg',         help=f"Training duration [kimg]  {_default('kimg')}", type=cli.positive_float(), default=None)
 @click.option('--max-minutes',  help='Also stop (snapshot and state) at the first tick after this many minutes; --resume continues', type=cli.positive_float(), default=None)
 @click.option('--tick',         help=f"Progress interval [kimg]  {_default('tick')}", type=cli.positive_float(), default=None)

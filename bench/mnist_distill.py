@@ -51,9 +51,9 @@ def snapshot_near(run_dir, kimg):
     snaps = train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')
     return min(snaps, key=lambda item: abs(item[0] - kimg)) if snaps else None
 
-def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num, fid_kimgs=()):
+def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, fid_kimgs=()):
     """One (resumable) distillation run with FD at every snapshot; returns its result dict."""
-    run_dir = os.path.join(outdir, f'{divergence}-b{batch}-lr{lr:g}-glr{glr:g}')
+    run_dir = os.path.join(outdir, f'{divergence}-b{batch}-lr{lr:g}-glr{glr:g}-ema{ema:g}-rampup{ema_rampup:g}')
     resume_state = None
     if os.path.isdir(run_dir):
         try:
@@ -62,7 +62,7 @@ def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, e
             pass
     os.makedirs(run_dir, exist_ok=True)
     o = run.resolve_options(dict(teacher=teacher, gen='teacher', divergence=divergence, batch=batch,
-        lr=lr, glr=glr, ema=ema, kimg=kimg, tick=1.0, snap=snap, seed=0, metrics='fd5k',
+        lr=lr, glr=glr, ema=ema, ema_rampup=ema_rampup, kimg=kimg, tick=1.0, snap=snap, seed=0, metrics='fd5k',
         metric_ref=FAST_STATS, allow_pickle_code=False))
     torch.manual_seed(o.seed)
     setup = run.prepare(o)
@@ -122,10 +122,11 @@ def read_teacher_metrics(path):
 @click.option('--lr', default=1e-4, help='Fake-score learning rate')
 @click.option('--glr', default=1e-4, help='Generator learning rate')
 @click.option('--ema', default=1.0, help='EMA half-life [kimg]')
+@click.option('--ema-rampup', default=0.05, help='EMA half-life at most this fraction of the images seen (0 = off)')
 @click.option('--inception-ref', default=None, help='Inception statistics (.npz) for the final FID')
 @click.option('--fid-num', default=5000, help='Samples for the final FID')
 @click.option('--fid-kimg', default='', help='Also FID at the snapshots nearest these kimg, e.g. 2,4,8,16 (with --inception-ref)')
-def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num, fid_kimg):
+def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, fid_kimg):
     for path, flag in ((teacher, '--teacher'), (inception_ref, '--inception-ref')):
         if path is not None and not os.path.exists(path):
             raise click.BadParameter(f'{path}: no such file', param_hint=flag)
@@ -133,7 +134,7 @@ def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, em
         fid_kimgs = [float(k) for k in fid_kimg.split(',') if k.strip()]
     except ValueError:
         raise click.BadParameter(f"'{fid_kimg}' is not a comma-separated list of numbers", param_hint='--fid-kimg') from None
-    results = [distil(d, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, inception_ref, fid_num, fid_kimgs)
+    results = [distil(d, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, fid_kimgs)
         for d in divergences.split(',')]
 
     teacher_metrics = read_teacher_metrics(reference)
