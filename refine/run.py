@@ -10,8 +10,10 @@ from refine.divergences import DIVERGENCES, DataError, adversarial, make_diverge
 from refine.loop import refinement_loop
 from torch_utils import distributed, train_utils
 
+# EMA: Diff-Instruct's and SiD's 0.5 Mimg half-life with EDM's ramp-up (half-life <= 0.05 x images
+# seen), so short runs average over their last few percent; see docs/mnist-teacher.md for short runs.
 DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, sigma_init=None,
-    kimg=200.0, tick=1.0, snap=10, seed=0, ema=0.5, ema_rampup=0.05, fake_steps=None, mlp_hidden=256, div_opt=None,
+    kimg=200.0, tick=1.0, snap=10, seed=0, ema=500.0, ema_rampup=0.05, fake_steps=None, mlp_hidden=256, div_opt=None,
     metrics=None, metric_ref=None, metric_batch=64, truncation=None, noise_mode=None, train_params=None,
     max_minutes=None, fake_warmup=0.0,
     data=None, # a dataset for the optional real-data terms (refine/divergences/adversarial.py)
