@@ -4,7 +4,7 @@ The teacher (`pretrained/edm-mnist32-cond.pkl`, a class-conditional EDM model sa
 network calls per image) trains a copy of itself, used as a one-step generator, with
 Diff-Instruct, data-free. Then the student's Fréchet distance in the fast MNIST detector's
 space (FD, not comparable with published FIDs) on 5000 samples is printed beside the teacher's
-(measured the same way by bench/mnist_teacher_reference.py and shipped with it), with the time
+(measured the same way by bench/mnist_reference.py and shipped with it), with the time
 per image of both, and a side-by-side grid (teacher | student, one row per class, the same
 seeds) is written to out/demo/<run>/teacher-vs-student.png.
 
@@ -93,7 +93,7 @@ def main(kimg, outdir):
               f"(made by: {reference['command']}).")
     else:
         print(f'Teacher FD not measured: {os.path.relpath(TEACHER_REFERENCE)} is missing '
-              '(python bench/mnist_teacher_reference.py writes it).')
+              '(python bench/mnist_reference.py writes it).')
     print(f'Grid (teacher | student, a row per class): {grid_path}')
     print(f'Snapshot: {snapshot}  (python generate.py --network {snapshot} --outdir out/samples)')
 

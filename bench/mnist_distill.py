@@ -3,7 +3,7 @@ teacher's 35-NFE metric as the line to beat.
 
 Every `--snap` kimg the student's G_ema gets FD (fast detector, 5000 samples, against the whole
 MNIST training set: `metric-fd5k.jsonl`); at the end its FID (Inception, `--fid-num` samples,
-against `--inception-ref`) is compared with the teacher's from bench/mnist_teacher_reference.py.
+against `--inception-ref`) is compared with the teacher's from bench/mnist_reference.py.
 Writes curve.png (FD vs kimg with the teacher's line) and result.json in the run folder.
 Running the same command again continues the run where it stopped (exact resume).
 
@@ -113,7 +113,7 @@ def read_teacher_metrics(path):
 
 @click.command(context_settings=dict(show_default=True))
 @click.option('--teacher', default='pretrained/edm-mnist32-cond.pkl')
-@click.option('--reference', default='pretrained/edm-mnist32-cond-reference.json', help='Teacher metrics (bench/mnist_teacher_reference.py)')
+@click.option('--reference', default='pretrained/edm-mnist32-cond-reference.json', help='Teacher metrics (bench/mnist_reference.py)')
 @click.option('--outdir', default='out/mnist-distill')
 @click.option('--divergences', default='di', help='Comma-separated; each gets the same budget')
 @click.option('--kimg', default=60.0, help='Total distillation length [kimg]')

@@ -1,15 +1,18 @@
-"""The line to beat: the shipped MNIST teacher's 35-NFE metrics, written next to its pickle.
+"""The reference metrics of a shipped MNIST network (the teacher, or the one-step student), written
+next to its pickle: the lines to beat.
 
-Generates `--num` teacher samples (EDM Heun, 18 steps = 35 network calls; random class per
-seed) as PNGs under --samples, skipping seeds already there, so an interrupted run continues.
-Then computes FD with the fast detector against the whole MNIST training set and, when
-`--inception-ref` is given, FID with Inception against those reference statistics, and writes
-both with the timing to `--dest` (JSON), which `make demo` and bench/mnist_distill.py read.
+Generates `--num` samples of `--network` (the teacher with EDM Heun, 18 steps = 35 network
+calls; a one-step generator with 1; random class per seed) as PNGs under --samples, skipping
+seeds already there, so an interrupted run continues. Then computes FD with the fast detector
+against the whole MNIST training set and, when `--inception-ref` is given, FID with Inception
+against those reference statistics, and writes both with the timing to `--dest` (JSON), which
+`make demo` and bench/mnist_distill.py read.
 
   python dataset_tool.py --source mnist --split train --max-images 5000 --dest datasets/mnist-32x32-train5k.zip
   python fid.py ref --data datasets/mnist-32x32-train5k.zip --dest out/mnist-train5k-inception.npz
-  OMP_NUM_THREADS=1 python bench/mnist_teacher_reference.py --num 5000 \\
-      --inception-ref out/mnist-train5k-inception.npz
+  OMP_NUM_THREADS=1 python bench/mnist_reference.py --num 5000 --inception-ref out/mnist-train5k-inception.npz
+  # The shipped student (bench/mnist_ship_student.py writes it):
+  OMP_NUM_THREADS=1 python bench/mnist_reference.py --network pretrained/sid-mnist32-cond.pkl --num 5000 --inception-ref out/mnist-train5k-inception.npz
 """
 
 import json
@@ -26,13 +29,13 @@ from refine import generation # pylint: disable=wrong-import-position
 from torch_utils.images import save_image, to_uint8 # pylint: disable=wrong-import-position
 
 def generate_missing(pkl, outdir, num, batch, log=print):
-    """PNGs 000000.png ... for seeds 0..num-1 that are not there yet; returns seconds per image
-    of what was generated (None if nothing was)."""
+    """PNGs 000000.png ... for seeds 0..num-1 that are not there yet; returns (seconds per image
+    of what was generated or None if nothing was, network calls per image)."""
     os.makedirs(outdir, exist_ok=True)
     todo = [s for s in range(num) if not os.path.isfile(os.path.join(outdir, f'{s:06d}.png'))]
-    if not todo:
-        return None
     sample, meta = generation.load_for_generation(pkl)
+    if not todo:
+        return None, meta.nfe
     start = time.time()
     for i in range(0, len(todo), batch):
         seeds = todo[i:i + batch]
@@ -41,35 +44,40 @@ def generate_missing(pkl, outdir, num, batch, log=print):
         done = min(i + batch, len(todo))
         log(f'{num - len(todo) + done}/{num} samples ({meta.nfe} NFE), '
             f'{(time.time() - start) / done:.3f} s/image')
-    return (time.time() - start) / len(todo)
+    return (time.time() - start) / len(todo), meta.nfe
 
 @click.command(context_settings=dict(show_default=True))
-@click.option('--teacher', default='pretrained/edm-mnist32-cond.pkl')
-@click.option('--num', default=5000, help='Teacher samples')
-@click.option('--samples', default='out/mnist-teacher-samples', help='Where the samples go (resumable)')
+@click.option('--network', default='pretrained/edm-mnist32-cond.pkl', help='The teacher, or a one-step snapshot')
+@click.option('--num', default=5000, help='Samples')
+@click.option('--samples', default=None, help='Where the samples go (resumable)  [default: out/samples-NETWORK]')
 @click.option('--batch', default=100)
 @click.option('--fast-ref', default='datasets/mnist-32x32.zip', help='Dataset for the fast-detector FD')
 @click.option('--inception-ref', default=None, help='Inception statistics (.npz) for FID; none: FD only')
-@click.option('--dest', default='pretrained/edm-mnist32-cond-reference.json')
-def main(teacher, num, samples, batch, fast_ref, inception_ref, dest):
-    for path, flag in ((teacher, '--teacher'), (fast_ref, '--fast-ref'), (inception_ref, '--inception-ref')):
+@click.option('--dest', default=None, help='[default: NETWORK-reference.json, next to the pickle]')
+def main(network, num, samples, batch, fast_ref, inception_ref, dest):
+    for path, flag in ((network, '--network'), (fast_ref, '--fast-ref'), (inception_ref, '--inception-ref')):
         if path is not None and not os.path.exists(path):
             raise click.BadParameter(f'{path}: no such file', param_hint=flag)
-    seconds = generate_missing(teacher, samples, num, batch, log=lambda s: print(s, flush=True))
+    stem = os.path.splitext(network)[0]
+    samples = samples or os.path.join('out', f'samples-{os.path.basename(stem)}')
+    dest = dest or f'{stem}-reference.json'
+    seconds, nfe = generate_missing(network, samples, num, batch, log=lambda s: print(s, flush=True))
     previous = {}
     if os.path.isfile(dest):
         with open(dest) as f:
             previous = json.load(f)
     names = [f'fd{num}'] + ([f'fid{num}'] if inception_ref else [])
     refs = dict(fast=fast_ref, inception=inception_ref)
-    print(f'Computing {", ".join(names)} of {num} teacher samples ...', flush=True)
+    print(f'Computing {", ".join(names)} of {num} samples of {network} ...', flush=True)
     records = registry.compute_metrics(names, samples, ref=refs, num=num, batch=batch,
         progress=lambda s: print(s, flush=True))
-    result = dict(previous, teacher=os.path.basename(teacher), sampler='EDM Heun, 18 steps (35 NFE)',
+    previous.pop('teacher', None) # the older name of 'network'
+    result = dict(previous, network=os.path.basename(network),
+        sampler='EDM Heun, 18 steps (35 NFE)' if nfe == 35 else f'one call per image ({nfe} NFE)' if nfe == 1 else f'{nfe} NFE',
         num_samples=num, seconds_per_image=seconds if seconds is not None else previous.get('seconds_per_image'),
         metrics={**previous.get('metrics', {}), **registry.flatten(records)},
         references=dict(fd=fast_ref, fid=inception_ref or previous.get('references', {}).get('fid')),
-        command=' '.join(['python', 'bench/mnist_teacher_reference.py'] + sys.argv[1:]))
+        command=' '.join(['python', 'bench/mnist_reference.py'] + sys.argv[1:]))
     tmp = f'{dest}.tmp'
     with open(tmp, 'w') as f:
         json.dump(result, f, indent=2)
