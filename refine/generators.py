@@ -9,11 +9,19 @@
     its D, augment_pipe and training_set_kwargs are carried into the snapshots); or a
     Diff-Instruct / SiD / EDM pickle whose `ema` network becomes a one-step generator at
     `--sigma-init`.
+
+From Python (refine/api.py), any `torch.nn.Module` `net(z, c)` with `z_shape` (or `z_dim`) and
+`label_dim`, wrapped as `ModuleGenerator` after `wrap_module` has checked it against the teacher;
+such a run's options.json names it `python:MODULE.CLASS`, which only Python can resume.
 """
 
 import copy
+import io
+import pickle
 
-from torch_utils import safe_pickle
+import torch
+
+from torch_utils import persistence, safe_pickle
 from training import networks_generators, networks_mlp
 
 class SetupError(ValueError):
@@ -23,12 +31,20 @@ class SetupError(ValueError):
 # that it is again a complete StyleGAN snapshot.
 STYLEGAN_COMPANIONS = ('D', 'augment_pipe', 'training_set_kwargs')
 
-def build_generator(spec, teacher, sigma_init=None, allow_code=False, mlp_kwargs=None, stylegan_kwargs=None):
+def build_generator(spec, teacher, sigma_init=None, allow_code=False, mlp_kwargs=None, stylegan_kwargs=None,
+        module=None):
     """Return `(G, companions)`: the generator and, for a StyleGAN pickle, the items of that
     pickle the refined snapshot must carry on (D, augment_pipe, training_set_kwargs); for a
     latent teacher (EDM2 img512, a diffusers pipeline with a VAE) also its `encoder`, which
-    decodes the generator's latents to images (generate.py, fid.py)."""
-    G, companions = _build_generator(spec, teacher, sigma_init, allow_code, mlp_kwargs, stylegan_kwargs)
+    decodes the generator's latents to images (generate.py, fid.py). `module`: a user's
+    `torch.nn.Module` (refine/api.py), checked by `wrap_module`; `spec` is then its `python:` name."""
+    if module is not None:
+        G, companions = wrap_module(module, teacher), {}
+    elif isinstance(spec, str) and spec.startswith(PYTHON_PREFIX):
+        raise SetupError(f'--gen {spec}: this run trains a Python module; resume it from Python: '
+            'refine.api.refine(generator=<a new module of that class>, resume=RUN)')
+    else:
+        G, companions = _build_generator(spec, teacher, sigma_init, allow_code, mlp_kwargs, stylegan_kwargs)
     if getattr(teacher, 'encoder', None) is not None:
         companions = dict(companions, encoder=teacher.encoder)
     return G, companions
@@ -78,6 +94,89 @@ def _generator_from_pickle(path, sigma_init, allow_code, stylegan_kwargs):
             sigma_init = data['sigma_init']
         return networks_generators.OneStepGenerator(copy.deepcopy(net), _need_sigma_init(sigma_init)), {}
     raise SetupError(f"--gen {path}: found neither 'G_ema' nor 'ema' in the pickle")
+
+PYTHON_PREFIX = 'python:'
+
+def python_spec(module):
+    """'python:MODULE.CLASS', what options.json records as the --gen of a user's module."""
+    cls = type(module)
+    return f'{PYTHON_PREFIX}{cls.__module__}.{cls.__qualname__}'
+
+class _Discard(io.RawIOBase):
+    def writable(self):
+        return True
+    def write(self, b):
+        return len(b)
+
+def wrap_module(module, teacher):
+    """A user's `torch.nn.Module` as a `ModuleGenerator` for `teacher`, or a one-line SetupError.
+
+    The contract (docs/generators.md): `module(z, c)` maps z ~ N(0, I) [N, *z_shape] and one-hot
+    labels c [N, label_dim] (None when label_dim is 0) to samples [N, *teacher.shape] in the
+    teacher's data space; it has `z_shape` (or `z_dim`), and `label_dim` if the teacher is
+    class-conditional; an `out_shape`, if it has one, must be the teacher's shape. Its snapshots
+    pickle it: a persistent class (torch_utils.persistence) travels with its source, another class
+    by name (it must be importable where the snapshot is loaded, so not one of `__main__`).
+    The module is deep-copied: the caller's object is left as it was.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise SetupError(f'generator must be a torch.nn.Module, got {type(module).__name__}')
+    name = type(module).__name__
+    z_shape = getattr(module, 'z_shape', None)
+    if z_shape is None and getattr(module, 'z_dim', None) is not None:
+        z_shape = (module.z_dim,)
+    try:
+        z_shape = tuple(int(v) for v in z_shape)
+        assert z_shape and min(z_shape) > 0
+    except (TypeError, ValueError, AssertionError):
+        raise SetupError(f'generator {name} needs z_shape (a tuple of positive ints, the shape of one '
+            f'latent) or z_dim (an int), got {z_shape!r}') from None
+    label_dim = getattr(module, 'label_dim', 0) or 0
+    if not isinstance(label_dim, int) or label_dim < 0:
+        raise SetupError(f'generator {name}: label_dim must be a non-negative int, got {label_dim!r}')
+    if label_dim != int(teacher.label_dim):
+        raise SetupError(f'generator {name} has label_dim {label_dim}, the teacher {teacher.label_dim} classes')
+    shape = tuple(int(v) for v in teacher.shape)
+    declared = getattr(module, 'out_shape', None)
+    if declared is not None and tuple(declared) != shape:
+        raise SetupError(f'generator {name} declares out_shape {tuple(declared)}, the teacher expects {shape}')
+    for sub in module.modules():
+        if type(sub).__module__ == '__main__' and not persistence.is_persistent(sub):
+            raise SetupError(f'generator {name}: class {type(sub).__name__} is defined in __main__, so '
+                'snapshots could not be loaded elsewhere; move it to a module, or decorate it with '
+                '@torch_utils.persistence.persistent_class')
+    try:
+        net = copy.deepcopy(module)
+    except Exception as e: # pylint: disable=broad-exception-caught
+        raise SetupError(f'generator {name} cannot be copied: {_first_line(e)}') from None
+    # One forward on a batch of 2, in eval mode, without touching any random stream.
+    params = list(net.parameters()) + list(net.buffers())
+    device = params[0].device if params else torch.device('cpu')
+    training = net.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+            z = torch.randn([2, *z_shape], device=device)
+            c = torch.eye(label_dim, device=device)[[0, 1 % label_dim]] if label_dim else None
+            x = net.eval()(z, c)
+    except Exception as e: # pylint: disable=broad-exception-caught
+        raise SetupError(f'generator {name}(z, c) failed on z of shape {(2, *z_shape)}: {_first_line(e)}') from None
+    finally:
+        net.train(training)
+    if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
+        raise SetupError(f'generator {name}(z, c) must return a float tensor, got {type(x).__name__}'
+            + (f' of {x.dtype}' if isinstance(x, torch.Tensor) else ''))
+    if tuple(x.shape) != (2, *shape):
+        raise SetupError(f'generator {name}(z, c) makes samples of shape {tuple(x.shape[1:])}, '
+            f'the teacher expects {shape}')
+    try: # snapshots pickle it: find out now, not at the first snapshot
+        G = networks_generators.ModuleGenerator(net, z_shape=z_shape, out_shape=shape, label_dim=label_dim)
+        pickle.Pickler(_Discard()).dump(G)
+    except Exception as e: # pylint: disable=broad-exception-caught
+        raise SetupError(f'generator {name} cannot be pickled into snapshots: {_first_line(e)}') from None
+    return G
+
+def _first_line(e):
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 def build_fake_score(teacher, mlp_kwargs=None):
     """D_psi: a trainable copy of the teacher network, or an MLP denoiser for exact teachers."""

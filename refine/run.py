@@ -47,8 +47,9 @@ def resolve_options(opts):
         o.div_opt['ratio'] = 'disc' # f-distill's published ratio, from the discriminator
     return o
 
-def prepare(o):
+def prepare(o, generator=None):
     """Build teacher, generator, fake score and divergence, and check that they fit together.
+    `generator`: a user's torch.nn.Module instead of `o.gen` (refine/api.py).
 
     Raises ValueError/OSError with a one-line message for anything a user can get wrong.
     """
@@ -63,7 +64,7 @@ def prepare(o):
     mlp_kwargs = dict(hidden=o.mlp_hidden)
     stylegan_kwargs = dict(truncation_psi=o.truncation, noise_mode=o.noise_mode, train_params=o.train_params)
     G, companions = generators.build_generator(o.gen, teacher, sigma_init=o.sigma_init,
-        allow_code=o.allow_pickle_code, mlp_kwargs=mlp_kwargs, stylegan_kwargs=stylegan_kwargs)
+        allow_code=o.allow_pickle_code, mlp_kwargs=mlp_kwargs, stylegan_kwargs=stylegan_kwargs, module=generator)
     if not hasattr(G, 'snapshot_items') and any(v is not None for v in stylegan_kwargs.values()):
         raise ValueError('--truncation, --noise-mode and --train-params apply to StyleGAN generators (--gen stylegan.pkl)')
     generators.check_compatible(G, teacher)

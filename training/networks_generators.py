@@ -59,6 +59,39 @@ class LatentGenerator(torch.nn.Module):
         return self.net(z.to(torch.float32), c)
 
 @persistence.persistent_class
+class ModuleGenerator(torch.nn.Module):
+    """A user's own `torch.nn.Module` as a refinement generator (refine.api.refine).
+
+    `net(z, c)` takes z ~ N(0, I) of shape [N, *z_shape] and c, one-hot float labels
+    [N, label_dim] or None for an unconditional model, and returns samples [N, *out_shape] in
+    the teacher's data space. The shapes and label count are given explicitly (refine/generators.py
+    reads them from the net and checks them against the teacher), so that this wrapper never
+    calls into the net to describe it. A net with `trainable_parameters()` trains only those.
+    """
+    _record_init_args = False
+
+    def __init__(self, net, z_shape, out_shape, label_dim=0):
+        super().__init__()
+        if not isinstance(net, torch.nn.Module):
+            raise TypeError(f'net must be a torch.nn.Module, got {type(net).__name__}')
+        self.net = net
+        self.z_shape = tuple(int(v) for v in z_shape)
+        self.out_shape = tuple(int(v) for v in out_shape)
+        self.label_dim = int(label_dim)
+        self.is_vector = len(self.out_shape) == 1
+        self._init_args = ()
+        self._init_kwargs = dict(net=net, z_shape=list(self.z_shape), out_shape=list(self.out_shape),
+            label_dim=self.label_dim)
+
+    def trainable_parameters(self):
+        if hasattr(self.net, 'trainable_parameters'):
+            return list(self.net.trainable_parameters())
+        return list(self.net.parameters())
+
+    def forward(self, z, c=None):
+        return self.net(z, c)
+
+@persistence.persistent_class
 class StyleGANGenerator(torch.nn.Module):
     """A StyleGAN generator (`G(z, c, truncation_psi, noise_mode=...)`) as a refinement generator.
 
