@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from metrics import registry # pylint: disable=wrong-import-position
 from refine import generation # pylint: disable=wrong-import-position
+from torch_utils import safe_pickle # pylint: disable=wrong-import-position
 from torch_utils.images import save_image, to_uint8 # pylint: disable=wrong-import-position
 
 def generate_missing(pkl, outdir, num, batch, log=print):
@@ -45,6 +46,14 @@ def generate_missing(pkl, outdir, num, batch, log=print):
         log(f'{num - len(todo) + done}/{num} samples ({meta.nfe} NFE), '
             f'{(time.time() - start) / done:.3f} s/image')
     return (time.time() - start) / len(todo), meta.nfe
+
+def distillation_of(pkl):
+    """What a refine.py snapshot says about its own training (kimg, divergence); {} for a teacher."""
+    data = safe_pickle.load_network_pkl(pkl)
+    if 'G_ema' not in data:
+        return {}
+    return dict(kimg=data.get('kimg'), divergence=(data.get('divergence') or {}).get('name'),
+        distilled_from=data.get('teacher'))
 
 @click.command(context_settings=dict(show_default=True))
 @click.option('--network', default='pretrained/edm-mnist32-cond.pkl', help='The teacher, or a one-step snapshot')
@@ -77,7 +86,8 @@ def main(network, num, samples, batch, fast_ref, inception_ref, dest):
         num_samples=num, seconds_per_image=seconds if seconds is not None else previous.get('seconds_per_image'),
         metrics={**previous.get('metrics', {}), **registry.flatten(records)},
         references=dict(fd=fast_ref, fid=inception_ref or previous.get('references', {}).get('fid')),
-        command=' '.join(['python', 'bench/mnist_reference.py'] + sys.argv[1:]))
+        command=' '.join(['python', 'bench/mnist_reference.py'] + sys.argv[1:]),
+        **distillation_of(network))
     tmp = f'{dest}.tmp'
     with open(tmp, 'w') as f:
         json.dump(result, f, indent=2)
