@@ -2,6 +2,8 @@
 EDM2's Stability VAE load through diffusers' own loaders (its cache first, then the hub), checked
 here with those loaders redirected to random models in a temporary folder."""
 
+import os
+import re
 import socket
 
 import pytest
@@ -18,7 +20,6 @@ HUB_ID = 'google/ddpm-cifar10-32' # the README's example
 def test_the_tests_cannot_reach_the_network():
     with pytest.raises(OSError, match='tests must not use the network'):
         socket.create_connection(('192.0.2.1', 80), timeout=0.5) # TEST-NET-1
-    import os # pylint: disable=import-outside-toplevel
     assert os.environ['HF_HUB_OFFLINE'] == '1'
 
 def _redirect(monkeypatch, local, calls):
@@ -60,3 +61,9 @@ def test_edm2_vae_loads_from_the_cache_then_the_hub(monkeypatch):
     monkeypatch.setattr(diffusers.AutoencoderKL, 'from_pretrained', from_pretrained)
     assert encoders_edm2.load_vae('stabilityai/sd-vae-ft-mse') is vae
     assert calls == [('stabilityai/sd-vae-ft-mse', True), ('stabilityai/sd-vae-ft-mse', False)]
+
+def test_the_demo_reads_only_shipped_files():
+    # demo.py's teacher, references and detector are under pretrained/; it names no URL or hub id.
+    source = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'demo.py'), encoding='utf-8').read()
+    assert not re.search(r'https?://|diffusers:', source)
+    assert "os.path.join(HERE, 'pretrained'," in source
