@@ -53,6 +53,10 @@ def digest_state(state):
 
 def tiny_run(divergence, workdir, teacher_pkl, **extra):
     """Three iterations of 4 samples; returns {part of the final training state: digest}."""
+    if divergence == 'vardiu' and 'div_opt' not in extra:
+        # The fingerprint was made with VarDiU's MLP encoder, the only one then; image
+        # generators now get a convolutional encoder by default (refine/divergences/vardiu.py).
+        extra['div_opt'] = dict(encoder='mlp')
     o = run.resolve_options(dict(teacher=teacher_pkl, gen='teacher', divergence=divergence, batch=4,
         lr=1e-3, glr=1e-3, kimg=0.012, tick=0.004, snap=3, seed=5, allow_pickle_code=False, **extra))
     torch.manual_seed(o.seed)

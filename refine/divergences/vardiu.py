@@ -84,6 +84,80 @@ class GaussianEncoder(torch.nn.Module):
         mean, rho = out[:, :self.z_numel], out[:, self.z_numel:]
         return mean.reshape(-1, *self.z_shape), rho.reshape(-1, *self.z_shape)
 
+class _FiLMBlock(torch.nn.Module):
+    """Residual block at full resolution: GN -> FiLM(emb) -> SiLU -> 3x3 (dilated) -> GN -> SiLU -> 3x3."""
+    def __init__(self, channels, emb_dim, dilation=1):
+        super().__init__()
+        groups = math.gcd(channels, 8)
+        self.norm0 = torch.nn.GroupNorm(groups, channels)
+        self.film = torch.nn.Linear(emb_dim, 2 * channels)
+        self.conv0 = torch.nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation)
+        self.norm1 = torch.nn.GroupNorm(groups, channels)
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        torch.nn.init.zeros_(self.film.weight)
+        torch.nn.init.zeros_(self.film.bias)
+
+    def forward(self, x, emb):
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.conv0(F.silu(self.norm0(x) * (1 + scale) + shift))
+        h = self.conv1(F.silu(self.norm1(h)))
+        return (x + h) / math.sqrt(2)
+
+class ConvEncoder(torch.nn.Module):
+    """q_η(z | x_t, σ) = N(μ, diag(τ²)) for image generators whose latent has the image's
+    spatial size (the one-step generator's z is image-shaped noise): a fully convolutional net at
+    full resolution on c_in x_t, conditioned on ln σ (and the labels) by FiLM in every block.
+
+    Returns (μ, ln τ²), each shaped like z, with ln τ² = −softplus(2(h − ln σ)) for the net's
+    second output h: the posterior precision 1/τ² = 1 + g²/σ² of a pixel seen with gain g = e^h
+    through noise σ (exact for a linear-Gaussian generator). So τ ≤ 1 (never wider than the
+    prior), τ → 1 where the pixel tells little about z (g ≪ σ) and τ ≈ σ/g where it tells a lot,
+    whatever σ is: no output has to grow like 1/σ. The output convolution starts at zero, so the
+    initial posterior is μ = 0 with gain `init_gain` everywhere, close to the prior (the initial
+    generator's gain is below σ_data/(σ_init² + σ_data²) ≈ 0.2 at σ_init = 1).
+    """
+    returns_log_var = True
+
+    def __init__(self, x_shape, z_shape, sigma_data, label_dim=0, channels=64, blocks=4, emb_dim=128,
+            init_gain=0.05):
+        super().__init__()
+        self.x_shape, self.z_shape = tuple(x_shape), tuple(z_shape)
+        if len(self.x_shape) != 3 or len(self.z_shape) != 3 or self.x_shape[1:] != self.z_shape[1:]:
+            raise ValueError(f'the convolutional encoder needs image-shaped samples and latents of one '
+                f'spatial size, got x {self.x_shape} and z {self.z_shape} (use encoder=mlp)')
+        self.sigma_data, self.label_dim = float(sigma_data), int(label_dim)
+        self.noise_emb = MLPNoiseEmbedding(64)
+        self.emb = torch.nn.Sequential(torch.nn.Linear(64 + self.label_dim, emb_dim), torch.nn.SiLU(),
+            torch.nn.Linear(emb_dim, emb_dim), torch.nn.SiLU())
+        self.stem = torch.nn.Conv2d(self.x_shape[0], channels, 3, padding=1)
+        # Dilations 1, 2, 4, 8, ...: the receptive field covers a 32x32 image in 4 blocks.
+        self.blocks = torch.nn.ModuleList([_FiLMBlock(channels, emb_dim, dilation=2 ** (i % 4)) for i in range(blocks)])
+        self.norm = torch.nn.GroupNorm(math.gcd(channels, 8), channels)
+        self.out = torch.nn.Conv2d(channels, 2 * self.z_shape[0], 3, padding=1)
+        torch.nn.init.zeros_(self.out.weight)
+        with torch.no_grad():
+            self.out.bias.zero_()
+            self.out.bias[self.z_shape[0]:] = math.log(init_gain)
+
+    def forward(self, x_t, sigma, labels=None):
+        sigma = sigma.to(x_t.dtype).reshape(-1).expand(x_t.shape[0])
+        c_in = 1 / (sigma.square() + self.sigma_data ** 2).sqrt()
+        parts = [self.noise_emb(sigma.log() / 4).to(x_t.dtype)]
+        if self.label_dim:
+            parts.append(labels.to(x_t.dtype).reshape(x_t.shape[0], self.label_dim))
+        emb = self.emb(torch.cat(parts, dim=1))
+        h = self.stem(c_in[:, None, None, None] * x_t)
+        for block in self.blocks:
+            h = block(h, emb)
+        mean, gain = self.out(F.silu(self.norm(h))).chunk(2, dim=1)
+        log_var = -F.softplus(2 * (gain - sigma.log()[:, None, None, None]))
+        return mean, log_var
+
+ENCODERS = ('auto', 'mlp', 'conv')
+
+# Adam learning rate of the convolutional encoder unless encoder_lr is given (MNIST, docs/divergences.md).
+CONV_ENCODER_LR = 1e-3
+
 WEIGHTINGS = dict(sigma2=2, sigma=1, sigma4=4, uniform=0)
 
 class VarDiU(Divergence):
@@ -97,8 +171,8 @@ class VarDiU(Divergence):
 
     def __init__(self, sigma_data=0.5, fake_steps=0, sigma_min=0.002, sigma_max=0.43, power=2.0,
             power_start=0.1, anneal_kimg=200.0, weight='sigma2', antithetic=True,
-            teacher_score='denoised', encoder_hidden=256, encoder_layers=4, encoder_lr=None,
-            encoder=None, **kwargs):
+            teacher_score='denoised', encoder='auto', encoder_hidden=256, encoder_layers=4,
+            encoder_channels=64, encoder_blocks=4, encoder_lr=None, encoder_warmup_kimg=0.0, **kwargs):
         if fake_steps:
             raise ValueError('vardiu learns no fake score: fake steps must be 0 (drop --fake-steps)')
         super().__init__(sigma_data=sigma_data, fake_steps=0, **kwargs)
@@ -114,16 +188,43 @@ class VarDiU(Divergence):
         self.anneal_kimg = float(anneal_kimg)
         self.weight, self.antithetic, self.teacher_score = weight, bool(antithetic), teacher_score
         self.encoder_hidden, self.encoder_layers = int(encoder_hidden), int(encoder_layers)
-        self.module_lr = None if encoder_lr is None else float(encoder_lr)
-        self.encoder = encoder
+        self.encoder_channels, self.encoder_blocks = int(encoder_channels), int(encoder_blocks)
+        self.encoder_lr = None if encoder_lr is None else float(encoder_lr)
+        self.module_lr = self.encoder_lr # the loop's learning rate for the encoder (None: the generator's)
+        self.encoder_warmup_kimg = float(encoder_warmup_kimg)
+        self.cur_nimg = 0
+        if isinstance(encoder, torch.nn.Module): # a ready encoder (tests, Python users)
+            self.encoder, self.encoder_kind = encoder, 'given'
+        elif encoder is None or str(encoder).lower() in ENCODERS:
+            self.encoder, self.encoder_kind = None, 'auto' if encoder is None else str(encoder).lower()
+        else:
+            raise ValueError(f"unknown VarDiU encoder {encoder!r} (choose from {', '.join(ENCODERS)})")
         self.current_power = self.power_start if self.anneal_kimg > 0 else self.power
 
     # Loop hooks ---------------------------------------------------------------------------
 
+    def resolved_encoder_kind(self, G):
+        """'conv' for image generators with image-shaped latents of the image's size, else 'mlp'
+        (for encoder='auto'); an explicit choice as given."""
+        if self.encoder_kind != 'auto':
+            return self.encoder_kind
+        x_shape, z_shape = tuple(G.out_shape), tuple(G.z_shape)
+        image = not getattr(G, 'is_vector', len(x_shape) == 1) and len(x_shape) == 3
+        return 'conv' if image and len(z_shape) == 3 and z_shape[1:] == x_shape[1:] else 'mlp'
+
     def setup(self, G, teacher, fake=None):
-        if self.encoder is None:
+        if self.encoder is not None:
+            return
+        label_dim = getattr(G, 'label_dim', 0)
+        kind = self.resolved_encoder_kind(G)
+        if kind == 'conv':
+            self.encoder = ConvEncoder(G.out_shape, G.z_shape, self.sigma_data, label_dim=label_dim,
+                channels=self.encoder_channels, blocks=self.encoder_blocks)
+            if self.encoder_lr is None:
+                self.module_lr = CONV_ENCODER_LR
+        else:
             self.encoder = GaussianEncoder(G.out_shape, G.z_shape, self.sigma_data,
-                label_dim=getattr(G, 'label_dim', 0), hidden=self.encoder_hidden, num_layers=self.encoder_layers)
+                label_dim=label_dim, hidden=self.encoder_hidden, num_layers=self.encoder_layers)
 
     def trainable_modules(self):
         return [self.encoder] if self.encoder is not None else []
@@ -131,6 +232,11 @@ class VarDiU(Divergence):
     def set_progress(self, cur_nimg):
         frac = 1.0 if self.anneal_kimg <= 0 else min(cur_nimg / (self.anneal_kimg * 1e3), 1.0)
         self.current_power = self.power_start + frac * (self.power - self.power_start)
+        self.cur_nimg = cur_nimg
+
+    def warming_up(self):
+        """During the encoder warm-up only the encoder learns (the generator gets no gradient)."""
+        return self.cur_nimg < self.encoder_warmup_kimg * 1e3
 
     def check_batch(self, batch_per_round):
         """Before any work: antithetic pairs need an even number of samples in every round."""
@@ -170,6 +276,11 @@ class VarDiU(Divergence):
         """log q_η(z | x_t, σ) per sample (gradients to η and through x_t)."""
         if self.encoder is None:
             raise RuntimeError('vardiu: call setup(G=..., teacher=...) (the loop does) before using it')
+        if getattr(self.encoder, 'returns_log_var', False):
+            mean, log_var = self.encoder(x_t, sigma, labels)
+            z = z.to(mean.dtype)
+            logp = -0.5 * (z - mean).square() * torch.exp(-log_var) - 0.5 * log_var - 0.5 * math.log(2 * math.pi)
+            return logp.flatten(1).sum(1)
         mean, rho = self.encoder(x_t, sigma, labels)
         std = noise.expand_like(sigma, mean).to(mean.dtype) * F.softplus(rho)
         z = z.to(mean.dtype)
@@ -181,13 +292,19 @@ class VarDiU(Divergence):
             raise ValueError('vardiu needs the latents z of x_g (the loop passes them)')
         sigma = self.sample_sigma(rnd)
         s = noise.expand_like(sigma, x_g)
+        warmup = self.warming_up()
+        if warmup: # the encoder alone: no gradient to the generator, no teacher call
+            x_g = x_g.detach()
         x_t = x_g + s * self.sample_noise(rnd, x_g.shape[1:])
         log_q = self.encoder_log_prob(z, x_t, sigma, labels)
+        w = self.sigma_weight(sigma)
+        if warmup:
+            stats = dict(sigma=sigma, log_q=log_q.detach(), power=torch.full_like(sigma, self.current_power))
+            return -w * log_q, stats
         with torch.no_grad():
             d_teacher = teacher(x_t.detach(), sigma, labels)
             anchor = x_g if self.teacher_score == 'denoised' else x_t
             m = (d_teacher - anchor.detach()) / s ** 2
-        w = self.sigma_weight(sigma)
         loss = -w * (log_q + (m * x_g).flatten(1).sum(1))
         stats = dict(sigma=sigma, log_q=log_q.detach(), power=torch.full_like(sigma, self.current_power))
         return loss, stats
@@ -196,4 +313,5 @@ class VarDiU(Divergence):
         scale = self.sigma_data / 0.5
         return dict(super().options(), sigma_min=self.sigma_min / scale, sigma_max=self.sigma_max / scale,
             power=self.power, power_start=self.power_start, anneal_kimg=self.anneal_kimg, weight=self.weight,
-            antithetic=self.antithetic, teacher_score=self.teacher_score)
+            antithetic=self.antithetic, teacher_score=self.teacher_score, encoder=self.encoder_kind,
+            encoder_lr=self.encoder_lr, encoder_warmup_kimg=self.encoder_warmup_kimg)
