@@ -29,11 +29,16 @@ Decisions (the toy code's settings translated to this toolkit):
     in images instead, reaching `power` after `anneal_kimg` = 200 kimg by default
     (anneal_kimg=194560 reproduces the code's rate). The loop reports progress through
     `set_progress(cur_nimg)`.
-  * The encoder is an MLP on [c_in x_t (flattened), noise embedding of ln σ/4, labels] with 4
-    hidden layers of 256 (the code: 4 × 400, on [x, σ]), owned by this divergence and trained
-    by the loop's extra optimizer in the generator update, with the generator's learning rate
-    unless `encoder_lr` is given. For image generators it is the same MLP on flattened pixels:
-    correct, but a convolutional encoder would be the efficient choice (not done).
+  * The encoder (`encoder='auto'`): for vector generators an MLP on [c_in x_t (flattened), noise
+    embedding of ln σ/4, labels] with 4 hidden layers of 256 (the code: 4 × 400, on [x, σ]),
+    std = σ·softplus(ρ); for image generators whose latent has the image's spatial size (the
+    one-step generator) `ConvEncoder`: a fully convolutional net at full resolution, FiLM-
+    conditioned on ln σ and the labels, returning μ and ln τ² = −softplus(2(h − ln σ)) per pixel,
+    initialised at μ = 0 and τ ≈ 1 (the prior; see its docstring). `encoder=mlp|conv` forces
+    one. It is owned by this divergence and trained by the loop's extra optimizer in the
+    generator update, at `encoder_lr` (default: the generator's for the MLP, 1e-3 for the conv
+    encoder). `encoder_warmup_kimg` > 0 trains the encoder alone for that long first. Why the
+    MLP's σ·softplus(ρ) fails on images, and what the conv encoder does on MNIST: docs/divergences.md.
   * `default_sigma_init` = 1.0 (Diff-Instruct's, VarDiU's baseline) for one-step generators
     initialised from a teacher; VarDiU itself only trains MLP generators.
 """
