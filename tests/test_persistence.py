@@ -53,8 +53,13 @@ def fresh_sources():
     saved = dict(persistence._src_to_module_dict)
     persistence._src_to_module_dict.clear()
     yield
+    # Keep what real imports registered meanwhile (a module first imported inside the test), drop
+    # the modules the code loader made from pickles.
+    imported = {src: module for src, module in persistence._src_to_module_dict.items()
+        if not module.__name__.startswith('_imported_module_')}
     persistence._src_to_module_dict.clear()
     persistence._src_to_module_dict.update(saved)
+    persistence._src_to_module_dict.update(imported)
 
 def _inputs(net, per_sample_sigma, labels):
     g = torch.Generator().manual_seed(1)

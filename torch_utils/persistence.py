@@ -181,7 +181,7 @@ def _module_to_src(module):
     if src is None:
         src = inspect.getsource(module)
         _module_to_src_dict[module] = src
-        _src_to_module_dict.setdefault(src, module)
+    _src_to_module_dict.setdefault(src, module) # also on a hit: the reverse entry may have been dropped
     return src
 
 def _src_to_module(src):
