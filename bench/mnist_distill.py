@@ -51,8 +51,10 @@ def snapshot_near(run_dir, kimg):
     snaps = train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')
     return min(snaps, key=lambda item: abs(item[0] - kimg)) if snaps else None
 
-def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, fid_kimgs=()):
-    """One (resumable) distillation run with FD at every snapshot; returns its result dict."""
+def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, fid_kimgs=(),
+        plot_only=False):
+    """One (resumable) distillation run with FD at every snapshot; returns its result dict.
+    `plot_only`: no training, only the curves and FIDs of what the run folder holds."""
     run_dir = os.path.join(outdir, f'{divergence}-b{batch}-lr{lr:g}-glr{glr:g}-ema{ema:g}-rampup{ema_rampup:g}')
     resume_state = None
     if os.path.isdir(run_dir):
@@ -60,16 +62,19 @@ def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, e
             resume_state = train_utils.latest_training_state(run_dir)
         except FileNotFoundError:
             pass
+    if plot_only and not os.path.isdir(run_dir):
+        raise click.BadParameter(f'{run_dir}: no such run to plot', param_hint='--plot-only')
     os.makedirs(run_dir, exist_ok=True)
     o = run.resolve_options(dict(teacher=teacher, gen='teacher', divergence=divergence, batch=batch,
         lr=lr, glr=glr, ema=ema, ema_rampup=ema_rampup, kimg=kimg, tick=1.0, snap=snap, seed=0, metrics='fd5k',
         metric_ref=FAST_STATS, allow_pickle_code=False))
-    torch.manual_seed(o.seed)
-    setup = run.prepare(o)
-    run.save_options(run_dir, o) # refine.py --resume can continue it too
-    print(f'Run directory: {run_dir}' + (f' (continuing from {resume_state})' if resume_state else ''), flush=True)
     start = time.time()
-    run.launch(setup, run_dir, resume_state=resume_state, log=lambda line: print(line, flush=True))
+    if not plot_only:
+        torch.manual_seed(o.seed)
+        setup = run.prepare(o)
+        run.save_options(run_dir, o) # refine.py --resume can continue it too
+        print(f'Run directory: {run_dir}' + (f' (continuing from {resume_state})' if resume_state else ''), flush=True)
+        run.launch(setup, run_dir, resume_state=resume_state, log=lambda line: print(line, flush=True))
     seconds = time.time() - start
 
     teacher_metrics = read_teacher_metrics(reference) # read now: it may have been written meanwhile
@@ -125,8 +130,9 @@ def read_teacher_metrics(path):
 @click.option('--ema-rampup', default=0.05, help='EMA half-life at most this fraction of the images seen (0 = off)')
 @click.option('--inception-ref', default=None, help='Inception statistics (.npz) for the final FID')
 @click.option('--fid-num', default=5000, help='Samples for the final FID')
+@click.option('--plot-only', is_flag=True, help='No training: curves (and FIDs) of the runs as they are')
 @click.option('--fid-kimg', default='', help='Also FID at the snapshots nearest these kimg, e.g. 2,4,8,16 (with --inception-ref)')
-def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, fid_kimg):
+def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, plot_only, fid_kimg):
     for path, flag in ((teacher, '--teacher'), (inception_ref, '--inception-ref')):
         if path is not None and not os.path.exists(path):
             raise click.BadParameter(f'{path}: no such file', param_hint=flag)
@@ -134,7 +140,8 @@ def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, em
         fid_kimgs = [float(k) for k in fid_kimg.split(',') if k.strip()]
     except ValueError:
         raise click.BadParameter(f"'{fid_kimg}' is not a comma-separated list of numbers", param_hint='--fid-kimg') from None
-    results = [distil(d, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, fid_kimgs)
+    results = [distil(d, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, fid_kimgs,
+        plot_only)
         for d in divergences.split(',')]
 
     teacher_metrics = read_teacher_metrics(reference)
