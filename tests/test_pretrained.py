@@ -42,3 +42,34 @@ def test_reference_files():
     with open(os.path.join(ROOT, 'pretrained', 'edm-mnist32-cond-reference.json')) as f:
         reference = json.load(f)
     assert reference['num_samples'] >= 5000 and reference['metrics']['fd5000'] > 0
+
+STUDENT = os.path.join(ROOT, 'pretrained', 'sid-mnist32-cond.pkl')
+
+def test_student_is_a_safe_loading_one_step_generator_of_the_teacher():
+    assert os.path.getsize(STUDENT) <= 5 * 2**20
+    data = safe_pickle.load_network_pkl(STUDENT)
+    assert set(data) >= {'G_ema', 'ema', 'sigma_init', 'kimg'} and 'fake' not in data and 'G' not in data
+    assert data['divergence']['name'] == 'sid' and data['teacher'].endswith('edm-mnist32-cond.pkl')
+    # The SiD / Diff-Instruct convention: 'ema' at sigma_init is the generator itself.
+    z = torch.randn([4, 1, 32, 32], generator=torch.Generator().manual_seed(0))
+    c = torch.eye(10)[[0, 3, 5, 9]]
+    with torch.no_grad():
+        direct = data['ema'](z * data['sigma_init'], torch.full([4], data['sigma_init']), c)
+        assert torch.allclose(data['G_ema'](z, c), direct, rtol=1e-5, atol=1e-5)
+
+def test_student_draws_the_requested_digits():
+    """One-step samples, five per class, classified by the shipped fast detector."""
+    sample, meta = generation.load_for_generation(STUDENT)
+    assert meta.nfe == 1
+    with torch.no_grad():
+        images = torch.cat([sample(list(range(100 + 5 * k, 105 + 5 * k)), k) for k in range(10)])
+    predicted = detectors.load_detector('fast').probabilities(to_uint8(images)).argmax(axis=1)
+    assert (predicted == np.repeat(np.arange(10), 5)).mean() >= 0.7, predicted
+
+def test_student_reference_is_below_the_teachers_fd():
+    refs = {}
+    for name in ('edm-mnist32-cond', 'sid-mnist32-cond'):
+        with open(os.path.join(ROOT, 'pretrained', f'{name}-reference.json')) as f:
+            refs[name] = json.load(f)
+    assert refs['sid-mnist32-cond']['num_samples'] == refs['edm-mnist32-cond']['num_samples'] == 5000
+    assert refs['sid-mnist32-cond']['metrics']['fd5000'] < refs['edm-mnist32-cond']['metrics']['fd5000']
