@@ -88,7 +88,7 @@ def main(kimg, outdir):
     rows = [('teacher', teacher_meta.nfe, teacher_fd, 1e3 * teacher_seconds)]
     if shipped:
         kimg = shipped_ref.get('kimg')
-        rows.append((f'shipped student ({kimg:g} kimg)' if kimg else 'shipped student', 1,
+        rows.append((f'shipped student ({kimg:.1f} kimg)' if kimg else 'shipped student', 1,
             shipped_ref.get('metrics', {}).get(fd_key, float('nan')), 1e3 * shipped_seconds))
     rows.append((f'this run\'s student ({snapshot_kimg:g} kimg)', 1, student_fd, 1e3 * student_seconds))
     width = max(len(r[0]) for r in rows) + 2
