@@ -42,10 +42,10 @@ def parse_spec(spec):
             param_hint='--divergences')
     return name, bool(suffix) or bool(getattr(DIVERGENCES[name], 'needs_data', False) is True)
 
-def distil(spec, teacher, data, outdir, kimg, snap, batch, lr, glr, ema):
+def distil(spec, teacher, data, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup):
     """One resumable run; returns {kimg: FD} and its median sec/kimg."""
     name, with_data = parse_spec(spec)
-    run_dir = os.path.join(outdir, f"{spec.replace('+', '-')}-b{batch}-lr{lr:g}-glr{glr:g}")
+    run_dir = os.path.join(outdir, f"{spec.replace('+', '-')}-b{batch}-lr{lr:g}-glr{glr:g}-ema{ema:g}-rampup{ema_rampup:g}")
     resume_state = None
     if os.path.isdir(run_dir):
         try:
@@ -54,7 +54,7 @@ def distil(spec, teacher, data, outdir, kimg, snap, batch, lr, glr, ema):
             pass
     os.makedirs(run_dir, exist_ok=True)
     o = run.resolve_options(dict(teacher=teacher, gen='teacher', divergence=name, batch=batch, lr=lr, glr=glr,
-        ema=ema, kimg=kimg, tick=1.0, snap=snap, seed=0, metrics='fd5k', metric_ref=FAST_STATS,
+        ema=ema, ema_rampup=ema_rampup, kimg=kimg, tick=1.0, snap=snap, seed=0, metrics='fd5k', metric_ref=FAST_STATS,
         data=data if with_data else None, allow_pickle_code=False))
     torch.manual_seed(o.seed)
     setup = run.prepare(o)
@@ -81,15 +81,16 @@ def distil(spec, teacher, data, outdir, kimg, snap, batch, lr, glr, ema):
 @click.option('--batch', default=32)
 @click.option('--lr', default=1e-4, help='Fake-score learning rate')
 @click.option('--glr', default=1e-4, help='Generator learning rate')
-@click.option('--ema', default=1.0, help='EMA half-life [kimg]')
-def main(teacher, data, outdir, divergences, kimg, snap, batch, lr, glr, ema):
+@click.option('--ema', default=5.0, help='EMA half-life [kimg]')
+@click.option('--ema-rampup', default=0.5, help='EMA half-life at most this fraction of the images seen (docs/mnist-teacher.md)')
+def main(teacher, data, outdir, divergences, kimg, snap, batch, lr, glr, ema, ema_rampup):
     for path, flag in ((teacher, '--teacher'), (data, '--data')):
         if not os.path.exists(path):
             raise click.BadParameter(f'{path}: no such file', param_hint=flag)
     specs = [s for s in divergences.split(',') if s.strip()]
     for spec in specs:
         parse_spec(spec)
-    results = [distil(s, teacher, data, outdir, kimg, snap, batch, lr, glr, ema) for s in specs]
+    results = [distil(s, teacher, data, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup) for s in specs]
     kimgs = sorted({k for r in results for k in r['curve']})
     print('\n| FD (fast detector, 5000 samples) | ' + ' | '.join(r['spec'] for r in results) + ' |')
     print('|---' * (len(results) + 1) + '|')
