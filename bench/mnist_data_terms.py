@@ -4,12 +4,15 @@ SiD vs SiDA, DMD vs DMD2 (or any divergence with and without the real-data GAN t
 Every run: one-step generator initialised from the teacher, each method's own σ_init, fake:G
 ratio and noise levels, batch 32, lr 1e-4 for generator and fake score, EMA half-life 1 kimg,
 seed 0 (bench/mnist_distill.py's protocol); FD (fast detector, 5000 samples, against the whole
-MNIST training set) at every `--snap` kimg. `NAME+data` adds the real-data terms to NAME
+MNIST training set) at every `--snap` kimg and, with `--inception-ref`, Inception FID (`--fid-num`
+samples, the teacher's protocol in bench/mnist_reference.py) of the final snapshot's G_ema,
+cached in the run folder. `NAME+data` adds the real-data terms to NAME
 (refine.py --data); `sida`, `dmd2` always take them. Running the command again continues each
 run where it stopped (exact resume).
 
   python dataset_tool.py --source mnist --split train --dest datasets/mnist-32x32.zip
-  OMP_NUM_THREADS=1 python bench/mnist_data_terms.py --divergences sid,sida,dmd,dmd2 --kimg 2 --snap 2
+  OMP_NUM_THREADS=1 python bench/mnist_data_terms.py --divergences sid,sida,dmd,dmd2 --kimg 4 --snap 2 \
+      --inception-ref out/mnist-train5k-inception.npz
   OMP_NUM_THREADS=1 python bench/mnist_data_terms.py --divergences di,di+data --kimg 20 --snap 4
 """
 
@@ -22,17 +25,13 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mnist_distill import fid_of, read_jsonl # pylint: disable=wrong-import-position
 from refine import run # pylint: disable=wrong-import-position
 from refine.divergences import DIVERGENCES # pylint: disable=wrong-import-position
 from torch_utils import train_utils # pylint: disable=wrong-import-position
 
 FAST_STATS = 'pretrained/mnist-train60k-fast.npz'
-
-def read_jsonl(path):
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding='utf-8') as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 def parse_spec(spec):
     """'sid' -> ('sid', False); 'di+data' -> ('di', True); sida/dmd2 always with data."""
@@ -42,8 +41,27 @@ def parse_spec(spec):
             param_hint='--divergences')
     return name, bool(suffix) or bool(getattr(DIVERGENCES[name], 'needs_data', False) is True)
 
-def distil(spec, teacher, data, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup):
-    """One resumable run; returns {kimg: FD} and its median sec/kimg."""
+def final_fid(run_dir, inception_ref, fid_num):
+    """(FID, snapshot name) of the run's last snapshot, computed once and cached in the run folder."""
+    snaps = train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')
+    if not snaps:
+        return None, None
+    snapshot = snaps[-1][1]
+    cache_path = os.path.join(run_dir, f'fid{fid_num}-final.json')
+    cache = {}
+    if os.path.isfile(cache_path):
+        with open(cache_path, encoding='utf-8') as f:
+            cache = json.load(f)
+    if cache.get('snapshot') != os.path.basename(snapshot) or cache.get('inception_ref') != inception_ref:
+        cache = dict(snapshot=os.path.basename(snapshot), kimg=snaps[-1][0], inception_ref=inception_ref,
+            fid=fid_of(snapshot, inception_ref, fid_num))
+        with open(cache_path + '.tmp', 'w', encoding='utf-8') as f:
+            json.dump(cache, f, indent=2)
+        os.replace(cache_path + '.tmp', cache_path)
+    return cache['fid'], cache['snapshot']
+
+def distil(spec, teacher, data, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num):
+    """One resumable run; returns {kimg: FD}, the final FID (with --inception-ref) and its median sec/kimg."""
     name, with_data = parse_spec(spec)
     run_dir = os.path.join(outdir, f"{spec.replace('+', '-')}-b{batch}-lr{lr:g}-glr{glr:g}-ema{ema:g}-rampup{ema_rampup:g}")
     resume_state = None
@@ -65,8 +83,9 @@ def distil(spec, teacher, data, outdir, kimg, snap, batch, lr, glr, ema, ema_ram
     curve = {r['kimg']: r['results']['fd5k'] for r in read_jsonl(os.path.join(run_dir, 'metric-fd5k.jsonl'))}
     stats = read_jsonl(os.path.join(run_dir, 'stats.jsonl'))
     spk = sorted(r['sec_per_kimg'] for r in stats)[len(stats) // 2] if stats else float('nan')
+    fid, fid_snapshot = final_fid(run_dir, inception_ref, fid_num) if inception_ref else (None, None)
     result = dict(spec=spec, divergence=name, data=data if with_data else None, run_dir=run_dir, curve=curve,
-        sec_per_kimg=spk, this_call_seconds=time.time() - start)
+        fid=fid, fid_snapshot=fid_snapshot, sec_per_kimg=spk, this_call_seconds=time.time() - start)
     with open(os.path.join(run_dir, 'result.json'), 'w', encoding='utf-8') as f:
         json.dump(result, f, indent=2)
     return result
@@ -83,19 +102,25 @@ def distil(spec, teacher, data, outdir, kimg, snap, batch, lr, glr, ema, ema_ram
 @click.option('--glr', default=1e-4, help='Generator learning rate')
 @click.option('--ema', default=5.0, help='EMA half-life [kimg]')
 @click.option('--ema-rampup', default=0.5, help='EMA half-life at most this fraction of the images seen (docs/mnist-teacher.md)')
-def main(teacher, data, outdir, divergences, kimg, snap, batch, lr, glr, ema, ema_rampup):
-    for path, flag in ((teacher, '--teacher'), (data, '--data')):
-        if not os.path.exists(path):
+@click.option('--inception-ref', default=None, help='Inception statistics (.npz, fid.py ref) for the final FID; none: FD only')
+@click.option('--fid-num', default=5000, help='Samples for the final FID')
+def main(teacher, data, outdir, divergences, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num):
+    for path, flag in ((teacher, '--teacher'), (data, '--data'), (inception_ref, '--inception-ref')):
+        if path is not None and not os.path.exists(path):
             raise click.BadParameter(f'{path}: no such file', param_hint=flag)
     specs = [s for s in divergences.split(',') if s.strip()]
     for spec in specs:
         parse_spec(spec)
-    results = [distil(s, teacher, data, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup) for s in specs]
+    results = [distil(s, teacher, data, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num)
+        for s in specs]
     kimgs = sorted({k for r in results for k in r['curve']})
     print('\n| FD (fast detector, 5000 samples) | ' + ' | '.join(r['spec'] for r in results) + ' |')
     print('|---' * (len(results) + 1) + '|')
     for k in kimgs:
         print(f'| after {k:g} kimg | ' + ' | '.join(f"{r['curve'][k]:.1f}" if k in r['curve'] else '' for r in results) + ' |')
+    if inception_ref:
+        print(f'| FID (Inception, {fid_num} samples), final snapshot | ' + ' | '.join(
+            f"{r['fid']:.1f}" if r['fid'] is not None else '' for r in results) + ' |')
     print('| sec/kimg (median tick) | ' + ' | '.join(f"{r['sec_per_kimg']:.0f}" for r in results) + ' |')
 
 if __name__ == '__main__':
