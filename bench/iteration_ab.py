@@ -26,7 +26,9 @@ import statistics
 import sys
 import time
 
-def make_teacher(path, preset='small32', seed=0):
+import click
+
+def make_teacher_pkl(path, preset='small32', seed=0):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch # pylint: disable=import-outside-toplevel
     from bench.throughput import PRESETS # pylint: disable=import-outside-toplevel
@@ -62,23 +64,20 @@ def time_checkout(checkout, refine_args, warmup):
     print(json.dumps(dict(checkout=checkout, iteration_ms=1e3 * statistics.median(gaps), iterations=len(gaps),
         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)), flush=True)
 
-def main():
-    argv = sys.argv[1:]
-    refine_args = argv[argv.index('--') + 1:] if '--' in argv else []
-    argv = argv[:argv.index('--')] if '--' in argv else argv
-    opts = dict(checkout=None, make_teacher=None, preset='small32', warmup='3')
-    while argv:
-        key = argv.pop(0)
-        name = key.lstrip('-').replace('-', '_')
-        if name not in opts or not argv:
-            sys.exit(f'iteration_ab: unknown option or missing value: {key} (see the docstring)')
-        opts[name] = argv.pop(0)
-    if opts['make_teacher']:
-        make_teacher(opts['make_teacher'], opts['preset'])
-    if opts['checkout']:
-        if not os.path.isfile(os.path.join(opts['checkout'], 'refine.py')):
-            sys.exit(f"iteration_ab: --checkout {opts['checkout']}: no refine.py there")
-        time_checkout(opts['checkout'], refine_args, int(opts['warmup']))
+@click.command(context_settings=dict(ignore_unknown_options=True, allow_interspersed_args=False))
+@click.option('--checkout', default=None, help='A checkout of this project whose refine.py to time')
+@click.option('--make-teacher', default=None, metavar='PKL', help='First write a random EDM teacher here')
+@click.option('--preset', default='small32', show_default=True, help="bench/throughput.py's preset for --make-teacher")
+@click.option('--warmup', default=3, show_default=True, help='Iterations not timed')
+@click.argument('refine_args', nargs=-1, type=click.UNPROCESSED)
+def main(checkout, make_teacher, preset, warmup, refine_args):
+    """Time refine.py's iterations in a checkout; REFINE_ARGS (after --) go to its refine.py."""
+    if make_teacher:
+        make_teacher_pkl(make_teacher, preset)
+    if checkout:
+        if not os.path.isfile(os.path.join(checkout, 'refine.py')):
+            raise click.BadParameter(f'{checkout}: no refine.py there', param_hint='--checkout')
+        time_checkout(checkout, list(refine_args), warmup)
 
 if __name__ == '__main__':
-    main()
+    main() # pylint: disable=no-value-for-parameter

@@ -6,7 +6,7 @@ ratio and noise levels, batch 32, lr 1e-4 for generator and fake score, EMA half
 seed 0 (bench/mnist_distill.py's protocol); FD (fast detector, 5000 samples, against the whole
 MNIST training set) at every `--snap` kimg and, with `--inception-ref`, Inception FID (`--fid-num`
 samples, the teacher's protocol in bench/mnist_reference.py) of the final snapshot's G_ema,
-cached in the run folder. `NAME+data` adds the real-data terms to NAME
+cached in the run folder (fid5000-curve.json, as bench/mnist_distill.py does). `NAME+data` adds the real-data terms to NAME
 (refine.py --data); `sida`, `dmd2` always take them. Running the command again continues each
 run where it stopped (exact resume).
 
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mnist_distill import fid_of, read_jsonl # pylint: disable=wrong-import-position
+from mnist_distill import cached_fid, read_jsonl # pylint: disable=wrong-import-position
 from refine import run # pylint: disable=wrong-import-position
 from refine.divergences import DIVERGENCES # pylint: disable=wrong-import-position
 from torch_utils import train_utils # pylint: disable=wrong-import-position
@@ -42,23 +42,12 @@ def parse_spec(spec):
     return name, bool(suffix) or bool(getattr(DIVERGENCES[name], 'needs_data', False) is True)
 
 def final_fid(run_dir, inception_ref, fid_num):
-    """(FID, snapshot name) of the run's last snapshot, computed once and cached in the run folder."""
+    """(FID, snapshot name) of the run's last snapshot (cached in the run folder)."""
     snaps = train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')
     if not snaps:
         return None, None
-    snapshot = snaps[-1][1]
-    cache_path = os.path.join(run_dir, f'fid{fid_num}-final.json')
-    cache = {}
-    if os.path.isfile(cache_path):
-        with open(cache_path, encoding='utf-8') as f:
-            cache = json.load(f)
-    if cache.get('snapshot') != os.path.basename(snapshot) or cache.get('inception_ref') != inception_ref:
-        cache = dict(snapshot=os.path.basename(snapshot), kimg=snaps[-1][0], inception_ref=inception_ref,
-            fid=fid_of(snapshot, inception_ref, fid_num))
-        with open(cache_path + '.tmp', 'w', encoding='utf-8') as f:
-            json.dump(cache, f, indent=2)
-        os.replace(cache_path + '.tmp', cache_path)
-    return cache['fid'], cache['snapshot']
+    kimg, snapshot = snaps[-1]
+    return cached_fid(run_dir, snapshot, kimg, inception_ref, fid_num)[0], os.path.basename(snapshot)
 
 def distil(spec, teacher, data, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num):
     """One resumable run; returns {kimg: FD}, the final FID (with --inception-ref) and its median sec/kimg."""

@@ -46,6 +46,23 @@ def fid_of(snapshot, inception_ref, fid_num):
         ref=dict(inception=inception_ref), batch=100, progress=lambda s: print(s, flush=True))
     return registry.flatten(records)[f'fid{fid_num}']
 
+def cached_fid(run_dir, snapshot, kimg, inception_ref, fid_num):
+    """FID of a snapshot of the run, computed once: the run folder's fid<num>-curve.json keeps
+    {snapshot name: {kimg, fid, ref}} (an Inception FID costs minutes on a CPU)."""
+    cache_path = os.path.join(run_dir, f'fid{fid_num}-curve.json')
+    cache = {}
+    if os.path.isfile(cache_path):
+        with open(cache_path, encoding='utf-8') as f:
+            cache = json.load(f)
+    name = os.path.basename(snapshot)
+    entry = cache.get(name)
+    if entry is None or entry.get('ref', inception_ref) != inception_ref: # older entries carry no ref
+        cache[name] = dict(kimg=kimg, fid=fid_of(snapshot, inception_ref, fid_num), ref=inception_ref)
+        with open(cache_path + '.tmp', 'w', encoding='utf-8') as f:
+            json.dump(cache, f, indent=2)
+        os.replace(cache_path + '.tmp', cache_path)
+    return cache[name]['fid'], cache
+
 def snapshot_near(run_dir, kimg):
     """The run's snapshot closest to `kimg`, or None."""
     snaps = train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')
@@ -89,21 +106,14 @@ def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, e
     result = dict(divergence=divergence, run_dir=run_dir, kimg=kimgs[-1] if kimgs else None,
         curve=list(zip(kimgs, fds)), this_call_seconds=seconds, teacher=teacher_metrics,
         sec_per_kimg=sorted(r['sec_per_kimg'] for r in stats)[len(stats) // 2] if stats else None)
-    snapshot = train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')[-1][1]
+    final_kimg, snapshot = train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')[-1]
     if inception_ref:
-        result['student_fid'] = fid_of(snapshot, inception_ref, fid_num)
+        result['student_fid'], cache = cached_fid(run_dir, snapshot, final_kimg, inception_ref, fid_num)
         result['student_fid_snapshot'] = snapshot
-        # FID along the run (cached in fid-curve.json: an Inception FID costs minutes on a CPU).
-        cache_path = os.path.join(run_dir, f'fid{fid_num}-curve.json')
-        cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
-        for k in fid_kimgs:
+        for k in fid_kimgs: # FID along the run
             near = snapshot_near(run_dir, k)
-            if near is not None and os.path.basename(near[1]) not in cache:
-                cache[os.path.basename(near[1])] = dict(kimg=near[0], fid=fid_of(near[1], inception_ref, fid_num))
-                with open(cache_path, 'w') as f:
-                    json.dump(cache, f, indent=2)
-        cache[os.path.basename(snapshot)] = dict(kimg=train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')[-1][0],
-            fid=result['student_fid'])
+            if near is not None:
+                _, cache = cached_fid(run_dir, near[1], near[0], inception_ref, fid_num)
         result['fid_curve'] = sorted((v['kimg'], v['fid']) for v in cache.values())
     with open(os.path.join(run_dir, 'result.json'), 'w') as f:
         json.dump(result, f, indent=2)
