@@ -61,6 +61,25 @@ def test_sid_gradient_goes_through_both_networks(alpha):
     # ... which is not the direct-path gradient alone.
     assert (grad - (d_f - d_t) / wf).abs().max() > 1e-2
 
+def test_sid_fine_fraction_mixes_noise_levels_on_the_same_stream():
+    """fine_fraction f: a share f of SiD's σ from t ~ U[0, fine_tmax/1000], the rest from t ~ U[0, tmax/1000],
+    split on the same uniform draw (so off means bit-identical levels, and on changes only the levels)."""
+    n = 20000
+    plain = make_divergence('sid', sigma_data=1.0).gen_sigma.sample(_rnd(n))
+    torch.testing.assert_close(make_divergence('sid', sigma_data=1.0, fine_fraction=0.0).gen_sigma.sample(_rnd(n)),
+        plain, rtol=0, atol=0)
+    mixed = make_divergence('sid', sigma_data=1.0, fine_fraction=0.5, fine_tmax=200).gen_sigma.sample(_rnd(n))
+    v = _rnd(n).rand()
+    u = torch.where(v < 0.5, 0.8 + (v / 0.5) * 0.2, 0.2 + ((v - 0.5) / 0.5) * 0.8) # independent formula
+    torch.testing.assert_close(mixed, _karras(u, 2.0), rtol=1e-6, atol=0)
+    s_fine = _karras(torch.tensor(0.8), 2.0) # σ at t = 0.2, scaled
+    assert (mixed <= s_fine).float().mean() == pytest.approx(0.5 + 0.5 * 0.25, abs=0.01)
+    assert (plain <= s_fine).float().mean() == pytest.approx(0.25, abs=0.01)
+    assert mixed.max() <= _karras(torch.tensor(0.2), 2.0) * (1 + 1e-6)
+    for bad in [dict(fine_fraction=1.0), dict(fine_fraction=0.5, fine_tmax=800), dict(fine_fraction=-0.1)]:
+        with pytest.raises(ValueError, match='fine_fraction'):
+            make_divergence('sid', **bad)
+
 def test_dmd_gradient_is_normalised_denoiser_difference():
     teacher, fake = _pair()
     x_g = _x_g()

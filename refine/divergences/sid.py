@@ -52,11 +52,16 @@ def frozen_parameters(*modules):
         for p, flag in saved:
             p.requires_grad_(flag)
 
-def sid_sigma(tmax, scale):
-    """SiD's noise levels: t ~ U[0, tmax/1000] on the Karras grid, i.e. u = 1 − t ∈ [1 − tmax/1000, 1]."""
+def sid_sigma(tmax, scale, fine_tmax=None, fine_fraction=0.0):
+    """SiD's noise levels: t ~ U[0, tmax/1000] on the Karras grid, i.e. u = 1 − t ∈ [1 − tmax/1000, 1];
+    with `fine_fraction` f, a share f of the draws from t ~ U[0, fine_tmax/1000] instead."""
     if not 0 < tmax <= 1000:
         raise ValueError(f'tmax must be in (0, 1000], got {tmax}')
-    return noise.KarrasUniformSigma(u_min=1 - tmax / 1000, u_max=1.0, scale=scale)
+    if fine_fraction and not (fine_tmax is not None and 0 < fine_tmax < tmax and 0 < fine_fraction < 1):
+        raise ValueError(f'fine_fraction must be in (0, 1) with fine_tmax in (0, tmax), '
+            f'got fine_fraction={fine_fraction}, fine_tmax={fine_tmax}')
+    fine = dict(fine_u_min=1 - fine_tmax / 1000, fine_fraction=fine_fraction) if fine_fraction else {}
+    return noise.KarrasUniformSigma(u_min=1 - tmax / 1000, u_max=1.0, scale=scale, **fine)
 
 def mean_abs_normaliser(x_g, d_teacher, eps=1e-5):
     """Per-sample sg(mean |x_g − D_φ|), clipped below (DMD, SiD, f-distill), shaped [N, 1, ...]."""
@@ -76,13 +81,14 @@ class ScoreIdentity(Divergence):
         head='mean', normalise=True, disc_weighting='edm')
 
     def __init__(self, sigma_data=0.5, fake_steps=1, alpha=1.2, tmax=800, normalise=True,
-            loss_scale=1.0, **kwargs):
+            loss_scale=1.0, fine_fraction=0.0, fine_tmax=200, **kwargs):
         super().__init__(sigma_data=sigma_data, fake_steps=fake_steps, **kwargs)
         self.alpha = float(alpha)
         self.tmax = float(tmax)
         self.normalise = bool(normalise)
         self.loss_scale = float(loss_scale)
-        self.gen_sigma = sid_sigma(self.tmax, self.sigma_data / 0.5)
+        self.fine_fraction, self.fine_tmax = float(fine_fraction), float(fine_tmax)
+        self.gen_sigma = sid_sigma(self.tmax, self.sigma_data / 0.5, self.fine_tmax, self.fine_fraction)
 
     def generator_loss(self, teacher, fake, x_g, labels, rnd):
         sigma = self.gen_sigma.sample(rnd)
@@ -100,7 +106,7 @@ class ScoreIdentity(Divergence):
 
     def options(self):
         return dict(super().options(), alpha=self.alpha, tmax=self.tmax, normalise=self.normalise,
-            loss_scale=self.loss_scale)
+            loss_scale=self.loss_scale, fine_fraction=self.fine_fraction, fine_tmax=self.fine_tmax)
 
 class SiDA(ScoreIdentity):
     """SiDA (Zhou et al., ICLR 2025): SiD plus a GAN on the fake score's encoder bottleneck,
