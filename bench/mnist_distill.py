@@ -46,9 +46,10 @@ def fid_of(snapshot, inception_ref, fid_num):
         ref=dict(inception=inception_ref), batch=100, progress=lambda s: print(s, flush=True))
     return registry.flatten(records)[f'fid{fid_num}']
 
-def cached_fid(run_dir, snapshot, kimg, inception_ref, fid_num):
+def cached_fid(run_dir, snapshot, kimg, inception_ref, fid_num, compute=True):
     """FID of a snapshot of the run, computed once: the run folder's fid<num>-curve.json keeps
-    {snapshot name: {kimg, fid, ref}} (an Inception FID costs minutes on a CPU)."""
+    {snapshot name: {kimg, fid, ref}} (an Inception FID costs minutes on a CPU). With
+    `compute` False a snapshot not in the cache gives None."""
     cache_path = os.path.join(run_dir, f'fid{fid_num}-curve.json')
     cache = {}
     if os.path.isfile(cache_path):
@@ -57,6 +58,8 @@ def cached_fid(run_dir, snapshot, kimg, inception_ref, fid_num):
     name = os.path.basename(snapshot)
     entry = cache.get(name)
     if entry is None or entry.get('ref', inception_ref) != inception_ref: # older entries carry no ref
+        if not compute:
+            return None, cache
         cache[name] = dict(kimg=kimg, fid=fid_of(snapshot, inception_ref, fid_num), ref=inception_ref)
         with open(cache_path + '.tmp', 'w', encoding='utf-8') as f:
             json.dump(cache, f, indent=2)
@@ -107,14 +110,15 @@ def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, e
         curve=list(zip(kimgs, fds)), this_call_seconds=seconds, teacher=teacher_metrics,
         sec_per_kimg=sorted(r['sec_per_kimg'] for r in stats)[len(stats) // 2] if stats else None)
     final_kimg, snapshot = train_utils.numbered_files(run_dir, 'network-snapshot', 'pkl')[-1]
-    if inception_ref:
-        result['student_fid'], cache = cached_fid(run_dir, snapshot, final_kimg, inception_ref, fid_num)
-        result['student_fid_snapshot'] = snapshot
+    if inception_ref: # --plot-only computes no new FID, it plots what the cache holds
+        fid, cache = cached_fid(run_dir, snapshot, final_kimg, inception_ref, fid_num, compute=not plot_only)
+        if fid is not None:
+            result['student_fid'], result['student_fid_snapshot'] = fid, snapshot
         for k in fid_kimgs: # FID along the run
             near = snapshot_near(run_dir, k)
             if near is not None:
-                _, cache = cached_fid(run_dir, near[1], near[0], inception_ref, fid_num)
-        result['fid_curve'] = sorted((v['kimg'], v['fid']) for v in cache.values())
+                _, cache = cached_fid(run_dir, near[1], near[0], inception_ref, fid_num, compute=not plot_only)
+        result['fid_curve'] = sorted((v['kimg'], v['fid']) for v in cache.values() if v.get('ref', inception_ref) == inception_ref)
     with open(os.path.join(run_dir, 'result.json'), 'w') as f:
         json.dump(result, f, indent=2)
     print(f'Curve: {run_dir}/curve.png', flush=True)
@@ -140,9 +144,11 @@ def read_teacher_metrics(path):
 @click.option('--ema-rampup', default=0.05, help='EMA half-life at most this fraction of the images seen (0 = off)')
 @click.option('--inception-ref', default=None, help='Inception statistics (.npz) for the final FID')
 @click.option('--fid-num', default=5000, help='Samples for the final FID')
-@click.option('--plot-only', is_flag=True, help='No training: curves (and FIDs) of the runs as they are')
+@click.option('--plot-only', is_flag=True, help='No training and no new FID: curves of the runs and FIDs as they are')
 @click.option('--fid-kimg', default='', help='Also FID at the snapshots nearest these kimg, e.g. 2,4,8,16 (with --inception-ref)')
-def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, plot_only, fid_kimg):
+@click.option('--teacher-fid', default=None, type=float, help="The teacher's FID at --fid-num samples, if --reference has none (its dashed line)")
+def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, plot_only, fid_kimg,
+        teacher_fid):
     for path, flag in ((teacher, '--teacher'), (inception_ref, '--inception-ref')):
         if path is not None and not os.path.exists(path):
             raise click.BadParameter(f'{path}: no such file', param_hint=flag)
@@ -155,6 +161,8 @@ def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, em
         for d in divergences.split(',')]
 
     teacher_metrics = read_teacher_metrics(reference)
+    if teacher_fid is not None:
+        teacher_metrics[f'fid{fid_num}'] = teacher_fid
     # Every divergence on one log-x plot per metric, the teacher's level dashed.
     for metric, key, teacher_key in (('FD (fast detector, 5000 samples)', 'curve', 'fd5000'),
             (f'FID (Inception, {fid_num} samples)', 'fid_curve', f'fid{fid_num}')):

@@ -15,6 +15,7 @@ against those reference statistics, and writes both with the timing to `--dest` 
   OMP_NUM_THREADS=1 python bench/mnist_reference.py --network pretrained/sid-mnist32-cond.pkl --num 5000 --inception-ref out/mnist-train5k-inception.npz
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -29,10 +30,35 @@ from refine import generation # pylint: disable=wrong-import-position
 from torch_utils import safe_pickle # pylint: disable=wrong-import-position
 from torch_utils.images import save_image, to_uint8 # pylint: disable=wrong-import-position
 
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+def claim_sample_folder(pkl, outdir, log=print):
+    """The folder's samples belong to the pickle whose hash its `network.sha256` names; samples of
+    another pickle (a student replaced under the same name) are removed, never measured."""
+    os.makedirs(outdir, exist_ok=True)
+    stamp, digest = os.path.join(outdir, 'network.sha256'), file_sha256(pkl)
+    if os.path.isfile(stamp):
+        with open(stamp, encoding='utf-8') as f:
+            if f.read().strip() == digest:
+                return
+    stale = [n for n in os.listdir(outdir) if n.endswith('.png')]
+    if stale:
+        log(f'{outdir}: {len(stale)} samples of another network (or of an unknown one); generating them anew')
+        for name in stale:
+            os.remove(os.path.join(outdir, name))
+    with open(stamp + '.tmp', 'w', encoding='utf-8') as f:
+        f.write(digest + '\n')
+    os.replace(stamp + '.tmp', stamp)
+
 def generate_missing(pkl, outdir, num, batch, log=print):
     """PNGs 000000.png ... for seeds 0..num-1 that are not there yet; returns (seconds per image
     of what was generated or None if nothing was, network calls per image)."""
-    os.makedirs(outdir, exist_ok=True)
+    claim_sample_folder(pkl, outdir, log)
     todo = [s for s in range(num) if not os.path.isfile(os.path.join(outdir, f'{s:06d}.png'))]
     sample, meta = generation.load_for_generation(pkl)
     if not todo:
