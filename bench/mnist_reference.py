@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from metrics import registry # pylint: disable=wrong-import-position
 from refine import generation # pylint: disable=wrong-import-position
-from torch_utils import safe_pickle # pylint: disable=wrong-import-position
+from torch_utils import safe_pickle, train_utils # pylint: disable=wrong-import-position
 from torch_utils.images import save_image, to_uint8 # pylint: disable=wrong-import-position
 
 def file_sha256(path):
@@ -51,9 +51,7 @@ def claim_sample_folder(pkl, outdir, log=print):
         log(f'{outdir}: {len(stale)} samples of another network (or of an unknown one); generating them anew')
         for name in stale:
             os.remove(os.path.join(outdir, name))
-    with open(stamp + '.tmp', 'w', encoding='utf-8') as f:
-        f.write(digest + '\n')
-    os.replace(stamp + '.tmp', stamp)
+    train_utils.write_atomic(stamp, digest + '\n')
 
 def generate_missing(pkl, outdir, num, batch, log=print):
     """PNGs 000000.png ... for seeds 0..num-1 that are not there yet; returns (seconds per image
