@@ -12,7 +12,7 @@ Every lever has a flag, so what each buys on a machine is one pair of runs.
 
   python bench/throughput.py --teacher tiny --batch 32                # a tiny MNIST-sized net
   python bench/throughput.py --teacher small32 --divergence sid       # 1.75 M params, 32x32x3
-  python bench/throughput.py --teacher small32 --no-reuse --dropout-mask bernoulli --no-fused
+  python bench/throughput.py --teacher small32 --no-reuse --amp off --dropout-mask bernoulli --no-fused
   python bench/throughput.py --teacher cifar10 --batch 64 --device cuda --amp all --compile
 """
 
@@ -193,8 +193,9 @@ def report(m):
 @click.option('--repeats', default=3, show_default=True, type=click.IntRange(min=1), help='Timings of each isolated pass')
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
 @click.option('--threads', default=None, type=click.IntRange(min=1), help='torch intra-op threads [default: torch\'s]')
-@click.option('--reuse/--no-reuse', default=False, show_default=True, help='Reuse the generator update\'s samples')
-@click.option('--amp', default='off', show_default=True, type=click.Choice(speed.AMP_LEVELS))
+@click.option('--reuse/--no-reuse', default=True, show_default=True, help='Reuse the generator update\'s samples')
+@click.option('--amp', default='auto', show_default=True, type=click.Choice(speed.AMP_LEVELS),
+    help="bf16 autocast ('auto': all passes where bf16 is native, as refine.py)")
 @click.option('--compile', 'compile_', default=None, help='torch.compile backend (inductor, aot_eager, ...)')
 @click.option('--fused/--no-fused', default=True, show_default=True, help='Fused Adam and foreach EMA')
 @click.option('--tf32/--no-tf32', default=True, show_default=True, help='TF32 on GPUs')

@@ -175,7 +175,8 @@ def refinement_loop(
     tick_start_nimg = cur_nimg
     done = cur_nimg >= total_kimg * 1000
     say(f'Refining for {total_kimg} kimg: batch {batch_size} over {world} process(es), '
-        f'{rounds} round(s) of {batch_gpu}, divergence {divergence.name}')
+        f'{rounds} round(s) of {batch_gpu}, divergence {divergence.name}'
+        + (f', bf16 autocast ({levers.amp})' if levers.amp != 'off' else ''))
 
     while not done:
         if hasattr(divergence, 'set_progress'):

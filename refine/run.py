@@ -5,7 +5,7 @@ import os
 import shutil
 
 import dnnlib
-from refine import generators, teachers
+from refine import generators, speed, teachers
 from refine.divergences import DIVERGENCES, DataError, adversarial, make_divergence
 from refine.loop import refinement_loop
 from torch_utils import distributed, train_utils
@@ -18,12 +18,12 @@ DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, s
     max_minutes=None, fake_warmup=0.0,
     data=None, # a dataset for the optional real-data terms (refine/divergences/adversarial.py)
     # Speed levers (refine/speed.py, training/networks_edm.py IMPLEMENTATION; docs/performance.md).
-    reuse_samples=False, amp='off', compile=False, fused_optim=True, tf32=True,
+    reuse_samples=True, amp='auto', compile=False, fused_optim=True, tf32=True,
     attention='auto', dropout_mask='uniform', channels_last=False, recompute=True)
 
 # Settings for Gaussian-mixture (vector) teachers: small MLPs learn at higher rates, and the
 # fake score needs several updates per generator update to keep up (tuned on ring8, see README).
-VECTOR_DEFAULTS = dict(lr=3e-3, glr=1e-3, batch=256, ema=5.0, fake_steps=4, mlp_hidden=128)
+VECTOR_DEFAULTS = dict(lr=3e-3, glr=1e-3, batch=256, ema=5.0, fake_steps=4, mlp_hidden=128, reuse_samples=False)
 
 def resolve_options(opts):
     """Fill defaults that depend on the teacher kind; returns an EasyDict of final options."""
@@ -115,14 +115,18 @@ def launch(setup, run_dir, resume_state=None, log=print, on_tick=None):
         time_limit_s=o.max_minutes * 60 if o.max_minutes else None,
         snapshot_ticks=o.snap, seed=o.seed, resume_state=resume_state, snapshot_extra=extra, log=log,
         on_tick=on_tick, on_snapshot=metrics_callback(o, run_dir, log),
-        **speed_options(o))
+        **speed_options(o, setup.teacher, setup.G))
 
-def speed_options(o):
-    """Apply the EDM networks' implementation choices; return the loop's speed keyword arguments."""
+def speed_options(o, teacher=None, G=None):
+    """Apply the EDM networks' implementation choices; return the loop's speed keyword arguments
+    (amp 'auto' becomes 'off' unless speed.amp_auto_applies to this teacher and generator)."""
     from training import networks_edm # pylint: disable=import-outside-toplevel
     networks_edm.set_implementation(attention=o.get('attention'), dropout=o.get('dropout_mask'),
         channels_last=o.get('channels_last'), recompute=o.get('recompute'))
-    return {key: o[key] for key in ('reuse_samples', 'amp', 'compile', 'fused_optim', 'tf32') if o.get(key) is not None}
+    levers = {key: o[key] for key in ('reuse_samples', 'amp', 'compile', 'fused_optim', 'tf32') if o.get(key) is not None}
+    if levers.get('amp') == 'auto' and not speed.amp_auto_applies(teacher, G):
+        levers['amp'] = 'off'
+    return levers
 
 def metrics_callback(o, run_dir, log=print):
     """Compute --metrics on each snapshot's G_ema (every process) and append metric-*.jsonl."""

@@ -6,11 +6,12 @@
   amp            bfloat16 autocast, by level: 'off'; 'nograd': the teacher/fake evaluations of
                  the generator loss when the divergence takes no gradient through them (DI, DMD,
                  f-distill); 'loss': those evaluations always (SiD, SIM too); 'all': also the
-                 generator and the fake-score training passes; 'auto': 'nograd' where bf16 is
+                 generator and the fake-score training passes; 'auto': 'all' where bf16 is
                  fast (GPUs with bf16, CPUs with AVX-512 BF16 or AMX), else 'off'. Networks
-                 return float32, so the divergence arithmetic stays in float32. The default
-                 is 'off' (DI's gradient is a difference of two close networks, and bf16 is not
-                 yet shown harmless for it: docs/performance.md);
+                 return float32, so the divergence arithmetic stays in float32. refine.py's
+                 default is 'auto' for EDM teachers with EDM one-step generators, the pairing
+                 whose MNIST FD it was measured not to hurt (docs/performance.md), and 'off'
+                 for every other generator and for Gaussian-mixture teachers;
   compile        torch.compile of the networks' calls (True: inductor, or a backend name); the
                  modules themselves are what is saved, pickled and broadcast, so snapshots,
                  training states and torchrun are unchanged;
@@ -48,8 +49,16 @@ def resolve_amp(amp, device):
     if amp not in AMP_LEVELS:
         raise ValueError(f"amp must be one of {', '.join(AMP_LEVELS)}, got {amp!r}")
     if amp == 'auto':
-        return 'nograd' if bf16_is_fast(device) else 'off'
+        return 'all' if bf16_is_fast(device) else 'off'
     return amp
+
+def amp_auto_applies(teacher, G):
+    """Whether amp 'auto' may turn bf16 on for this pairing: an EDM image teacher and a generator
+    that is an EDM network (a one-step generator made from it or loaded from a pickle). Others
+    (StyleGAN, MLPs, exact mixtures) keep float32 unless amp is asked for by name."""
+    from refine import teachers # pylint: disable=import-outside-toplevel
+    from training import networks_generators # pylint: disable=import-outside-toplevel
+    return isinstance(teacher, teachers.EDMTeacher) and isinstance(G, networks_generators.OneStepGenerator)
 
 def adam(params, lr, betas, fused=True):
     """torch.optim.Adam (eps 1e-8), with the fused step where this torch and device have it."""

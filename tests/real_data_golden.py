@@ -4,7 +4,8 @@ change nothing when they are not asked for.
 `python -m tests.real_data_golden` writes tests/data/data_free_golden.json; it was run once
 with the code as it was before the real-data terms existed (commit 578238f), so
 tests/test_real_data_terms.py compares today's data-free runs with that code's, bit for bit,
-on the same torch build and machine type (elsewhere the comparison is skipped).
+on the same torch build, machine type and CPU capability (float32 kernels round differently
+for AVX2 and AVX-512), one entry per build it was run on; elsewhere the comparison is skipped.
 """
 
 import hashlib
@@ -57,6 +58,8 @@ def tiny_run(divergence, workdir, teacher_pkl, **extra):
         # The fingerprint was made with VarDiU's MLP encoder, the only one then; image
         # generators now get a convolutional encoder by default (refine/divergences/vardiu.py).
         extra['div_opt'] = dict(encoder='mlp')
+    # The fingerprint predates sample reuse and bf16 autocast by default: the computation then.
+    extra = dict(dict(reuse_samples=False, amp='off'), **extra)
     o = run.resolve_options(dict(teacher=teacher_pkl, gen='teacher', divergence=divergence, batch=4,
         lr=1e-3, glr=1e-3, kimg=0.012, tick=0.004, snap=3, seed=5, allow_pickle_code=False, **extra))
     torch.manual_seed(o.seed)
@@ -69,7 +72,12 @@ def tiny_run(divergence, workdir, teacher_pkl, **extra):
     return {key: digest_state(value) for key, value in sorted(state.items())}
 
 def environment():
-    return dict(torch=torch.__version__, machine=platform.machine())
+    return dict(torch=torch.__version__, machine=platform.machine(), cpu=torch.backends.cpu.get_cpu_capability())
+
+def saved_runs():
+    """{environment: runs} of every build in GOLDEN, as a list of (environment, runs)."""
+    with open(GOLDEN, encoding='utf-8') as f:
+        return [(b['environment'], b['runs']) for b in json.load(f)['builds']]
 
 def main():
     torch.set_num_threads(1)
@@ -77,8 +85,10 @@ def main():
         teacher = tiny_teacher(os.path.join(tmp, 'teacher.pkl'))
         runs = {name: tiny_run(name, tmp, teacher) for name in DIVERGENCES}
     os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+    builds = [dict(environment=e, runs=r) for e, r in (saved_runs() if os.path.exists(GOLDEN) else [])
+        if e != environment()]
     with open(GOLDEN, 'w', encoding='utf-8') as f:
-        json.dump(dict(environment=environment(), runs=runs), f, indent=1)
+        json.dump(dict(builds=builds + [dict(environment=environment(), runs=runs)]), f, indent=1)
     print(f'wrote {GOLDEN}', file=sys.stderr)
 
 if __name__ == '__main__':
