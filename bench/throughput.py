@@ -193,7 +193,7 @@ def report(m):
 @click.option('--repeats', default=3, show_default=True, type=click.IntRange(min=1), help='Timings of each isolated pass')
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
 @click.option('--threads', default=None, type=click.IntRange(min=1), help='torch intra-op threads [default: torch\'s]')
-@click.option('--reuse/--no-reuse', default=True, show_default=True, help='Reuse the generator update\'s samples')
+@click.option('--reuse/--no-reuse', default=False, show_default=True, help='Reuse the generator update\'s samples')
 @click.option('--amp', default='auto', show_default=True, type=click.Choice(speed.AMP_LEVELS),
     help="bf16 autocast ('auto': all passes where bf16 is native, as refine.py)")
 @click.option('--compile', 'compile_', default=None, help='torch.compile backend (inductor, aot_eager, ...)')

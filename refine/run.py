@@ -18,12 +18,12 @@ DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, s
     max_minutes=None, fake_warmup=0.0,
     data=None, # a dataset for the optional real-data terms (refine/divergences/adversarial.py)
     # Speed levers (refine/speed.py, training/networks_edm.py IMPLEMENTATION; docs/performance.md).
-    reuse_samples=True, amp='auto', compile=False, fused_optim=True, tf32=True,
+    reuse_samples=False, amp='auto', compile=False, fused_optim=True, tf32=True,
     attention='auto', dropout_mask='uniform', channels_last=False, recompute=True)
 
 # Settings for Gaussian-mixture (vector) teachers: small MLPs learn at higher rates, and the
 # fake score needs several updates per generator update to keep up (tuned on ring8, see README).
-VECTOR_DEFAULTS = dict(lr=3e-3, glr=1e-3, batch=256, ema=5.0, fake_steps=4, mlp_hidden=128, reuse_samples=False)
+VECTOR_DEFAULTS = dict(lr=3e-3, glr=1e-3, batch=256, ema=5.0, fake_steps=4, mlp_hidden=128)
 
 def resolve_options(opts):
     """Fill defaults that depend on the teacher kind; returns an EasyDict of final options."""
