@@ -291,3 +291,18 @@ def _torchrun_worker(run_dir):
 
 if __name__ == '__main__':
     _torchrun_worker(sys.argv[1])
+
+def test_amp_auto_applies_to_edm_generators_only():
+    """refine.py's default amp 'auto' may turn bf16 on for an EDM teacher with an EDM one-step
+    generator, and leaves MLP generators on exact mixtures in float32."""
+    from refine import run # pylint: disable=import-outside-toplevel
+    torch.manual_seed(0)
+    T = teachers.EDMTeacher(N.EDMPrecond(img_resolution=8, img_channels=1, label_dim=0, model_type='SongUNet',
+        model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0))
+    G, _ = generators.build_generator('teacher', T, sigma_init=1.0)
+    gmm = teachers.make_gmm('ring8')
+    mlp, _ = generators.build_generator('mlp', gmm)
+    assert speed.amp_auto_applies(T, G) and not speed.amp_auto_applies(gmm, mlp)
+    assert run.speed_options(dict(amp='auto'), gmm, mlp)['amp'] == 'off'
+    assert run.speed_options(dict(amp='auto'), T, G)['amp'] == 'auto' # the loop resolves it per device
+    assert run.speed_options(dict(amp='all'), gmm, mlp)['amp'] == 'all' # asked for by name
