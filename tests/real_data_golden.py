@@ -59,7 +59,7 @@ def tiny_run(divergence, workdir, teacher_pkl, **extra):
         # generators now get a convolutional encoder by default (refine/divergences/vardiu.py).
         extra['div_opt'] = dict(encoder='mlp')
     # The fingerprint predates sample reuse and bf16 autocast by default: the computation then.
-    extra = dict(dict(reuse_samples=False, amp='off'), **extra)
+    extra = {'reuse_samples': False, 'amp': 'off', **extra}
     o = run.resolve_options(dict(teacher=teacher_pkl, gen='teacher', divergence=divergence, batch=4,
         lr=1e-3, glr=1e-3, kimg=0.012, tick=0.004, snap=3, seed=5, allow_pickle_code=False, **extra))
     torch.manual_seed(o.seed)
@@ -75,7 +75,7 @@ def environment():
     return dict(torch=torch.__version__, machine=platform.machine(), cpu=torch.backends.cpu.get_cpu_capability())
 
 def saved_runs():
-    """{environment: runs} of every build in GOLDEN, as a list of (environment, runs)."""
+    """(environment, runs) of every build GOLDEN holds."""
     with open(GOLDEN, encoding='utf-8') as f:
         return [(b['environment'], b['runs']) for b in json.load(f)['builds']]
 

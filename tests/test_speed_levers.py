@@ -189,8 +189,8 @@ def test_reuse_off_keeps_the_fake_update_first_on_its_own_samples(tmp_path):
 # gradient within 2% of the samples' norm for DI (bf16 forward passes only) and 15% for SiD
 # (whose gradient also runs back through both networks in bf16). Both gradients are
 # differences of two close networks, so relative to themselves their bf16 error is far larger
-# (about half here): docs/performance.md, where the MNIST FD of runs with amp 'all' shows what
-# this costs a run (nothing measurable at 3 kimg), which is why 'auto' means 'all'.
+# (about half here): docs/performance.md, whose MNIST FD of runs with amp 'all' (8 kimg) shows
+# no loss from it, which is why 'auto' means 'all'.
 BF16_TOLERANCE = dict(fake_loss=0.02, di_grad_of_sample_norm=0.02, sid_grad_of_sample_norm=0.15)
 
 @pytest.mark.parametrize('divergence', ['di', 'sid'])
