@@ -72,7 +72,7 @@ def snapshot_near(run_dir, kimg):
     return min(snaps, key=lambda item: abs(item[0] - kimg)) if snaps else None
 
 def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, fid_kimgs=(),
-        plot_only=False):
+        plot_only=False, amp=None):
     """One (resumable) distillation run with FD at every snapshot; returns its result dict.
     `plot_only`: no training, only the curves and FIDs of what the run folder holds."""
     run_dir = os.path.join(outdir, f'{divergence}-b{batch}-lr{lr:g}-glr{glr:g}-ema{ema:g}-rampup{ema_rampup:g}')
@@ -87,7 +87,7 @@ def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, e
     os.makedirs(run_dir, exist_ok=True)
     o = run.resolve_options(dict(teacher=teacher, gen='teacher', divergence=divergence, batch=batch,
         lr=lr, glr=glr, ema=ema, ema_rampup=ema_rampup, kimg=kimg, tick=1.0, snap=snap, seed=0, metrics='fd5k',
-        metric_ref=FAST_STATS, allow_pickle_code=False))
+        metric_ref=FAST_STATS, allow_pickle_code=False, amp=amp))
     start = time.time()
     if not plot_only:
         torch.manual_seed(o.seed)
@@ -146,9 +146,10 @@ def read_teacher_metrics(path):
 @click.option('--fid-num', default=5000, help='Samples for the final FID')
 @click.option('--plot-only', is_flag=True, help='No training and no new FID: curves of the runs and FIDs as they are')
 @click.option('--fid-kimg', default='', help='Also FID at the snapshots nearest these kimg, e.g. 2,4,8,16 (with --inception-ref)')
+@click.option('--amp', default=None, type=click.Choice(['auto', 'off', 'nograd', 'loss', 'all']), help="bf16 autocast level (refine.py's --amp; default auto)")
 @click.option('--teacher-fid', default=None, type=float, help="The teacher's FID at --fid-num samples, if --reference has none (its dashed line)")
 def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, plot_only, fid_kimg,
-        teacher_fid):
+        amp, teacher_fid):
     for path, flag in ((teacher, '--teacher'), (inception_ref, '--inception-ref')):
         if path is not None and not os.path.exists(path):
             raise click.BadParameter(f'{path}: no such file', param_hint=flag)
@@ -157,7 +158,7 @@ def main(teacher, reference, outdir, divergences, kimg, snap, batch, lr, glr, em
     except ValueError:
         raise click.BadParameter(f"'{fid_kimg}' is not a comma-separated list of numbers", param_hint='--fid-kimg') from None
     results = [distil(d, teacher, reference, outdir, kimg, snap, batch, lr, glr, ema, ema_rampup, inception_ref, fid_num, fid_kimgs,
-        plot_only)
+        plot_only, amp)
         for d in divergences.split(',')]
 
     teacher_metrics = read_teacher_metrics(reference)

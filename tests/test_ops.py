@@ -656,7 +656,7 @@ def grads_of(fn, inputs, seed=11):
     return y, torch.autograd.grad((y * w).sum(), leaves)
 
 
-F4_RANK1 = upfirdn2d.setup_filter([1, 3, 3, 1])  # StyleGAN2's 4x4: runs as two 1-D passes.
+F4_RANK1 = upfirdn2d.setup_filter([1, 3, 3, 1])  # StyleGAN2's 4x4: runs as a separable filter.
 PLUGIN_UPFIRDN_CASES = UPFIRDN_CASES + [
     # x shape,      filter,              up,    down, padding,        flip,  gain
     ((1, 2, 5, 7),  F4_RANK1,            4,     1,    [3, 2, 3, 2],   False, 16),
@@ -666,6 +666,11 @@ PLUGIN_UPFIRDN_CASES = UPFIRDN_CASES + [
     ((2, 3, 16, 15), F4_RANK1,           1,     2,    1,              True,  1),
     ((1, 2, 8, 8),  F4_RANK1,            2,     1,    [2, 1, 2, 1],   False, 4),
     ((1, 1, 7, 5),  rand_filter(1, 4),   [1, 4], [2, 1], [0, 3, 1, 0], True, 2),
+    # Separable row kernel: untemplated tap counts, down 3 with crops, up 3, 12 taps up 2 down 2.
+    ((2, 2, 13, 17), rand_filter(6),     1,     3,    [-1, 4, 2, -2], False, 1),
+    ((1, 2, 6, 7),  rand_filter(5),      3,     1,    [2, 2, 3, 1],   True,  9),
+    ((1, 2, 9, 10), rand_filter(12),     2,     2,    [10, 10, 9, 11], False, 4),
+    ((2, 1, 11, 9), F4_RANK1,            1,     [2, 3], [-1, 2, 0, 1], False, 1),
 ]
 
 

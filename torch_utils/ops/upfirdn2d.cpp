@@ -7,8 +7,9 @@
 // contiguous loops that the compiler vectorises; the residues are interleaved at the end.
 // Rows are copied into a zero-margined buffer so that the loops need no bounds checks.
 //
-// A rank-1 2-D filter (e.g. setup_filter([1,3,3,1])) runs as two 1-D passes, W then H,
-// like a separable (1-D) filter: 2k instead of k^2 multiply-adds per pixel.
+// A rank-1 2-D filter (e.g. setup_filter([1,3,3,1])) runs like a separable (1-D) one, as a
+// vertical then a horizontal 1-D filter per output row (`SepRows`): 2k instead of k^2
+// multiply-adds per pixel.
 #include "plugin_common.h"
 
 #include <ATen/Parallel.h>
@@ -112,151 +113,137 @@ struct Pass {
   }
 };
 
-// The separable passes work on whole planes flattened into one long loop per tap, which
-// the compiler vectorises well even for 8-pixel rows. Along W: rows are copied into a
-// buffer of row length L (zero margins; a multiple of `down`), every residue r gets
-// acc[k] += tap * buf[k * down + offset] over all rows at once (the few positions past a
-// row's end are discarded). Along H: whole rows are the elements, so with down = 1 the
-// rows of one residue form a single contiguous loop.
+// A separable filter, one output row at a time: the input rows that the row's vertical taps
+// meet (with up > 1, only those on non-inserted rows) are combined into one zero-margined row,
+// the sum kept in a register; that row is then filtered along W, polyphase like `Pass`. So
+// that every load stays contiguous, the row is split into `down` phases (columns i*down + s)
+// and each tap of each output residue becomes a (weight, phase pointer) pair:
+// out_r[q] = sum_j w_j * p_j[q]. Tap counts of the usual filters are compile-time constants,
+// so the inner sums unroll and the q loops vectorise; nothing round-trips through memory.
 template <typename A>
-struct PassW {
-  int64_t H, W, OW, fw, ux, dx, px0;
-  std::vector<A> taps;
-  std::vector<int64_t> Q;
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> htaps;
-  int64_t margin_l = 0, L = 0, Lq = 0, buf_len = 0;
+struct SepRows {
+  int64_t H, W, OH, OW, fh, fw, ux, uy, dx, dy, px0, py0;
+  std::vector<A> u, v;  // Vertical and horizontal correlation taps.
+  std::vector<int64_t> Q;                                // Output columns per residue.
+  std::vector<std::vector<std::pair<A, int64_t>>> htaps;  // Per residue: (tap, index into the row).
+  int64_t margin_l = 0, row_len = 0, phase_len = 0;
 
   void plan() {
     Q.assign(ux, 0);
     htaps.assign(ux, {});
-    int64_t min_ix = 0, max_ix = W - 1, max_off = 0;
+    std::vector<std::vector<std::pair<A, int64_t>>> offs(ux);
+    int64_t min_ix = 0, max_ix = W - 1;
     for (int64_t r = 0; r < ux; r++) {
       Q[r] = r < OW ? (OW - 1 - r) / ux + 1 : 0;
       if (Q[r] == 0) continue;
       for (int64_t kx = 0; kx < fw; kx++) {
-        int64_t num = r * dx + kx - px0;
-        if (floormod(num, ux) != 0) continue;
-        int64_t off = floordiv(num, ux);
-        htaps[r].push_back({kx, off});
+        const int64_t num = r * dx + kx - px0;
+        if (floormod(num, ux) != 0 || v[kx] == A(0)) continue;
+        const int64_t off = floordiv(num, ux);  // Output q of residue r reads input column q*dx + off.
+        offs[r].push_back({v[kx], off});
         min_ix = std::min(min_ix, off);
-        max_off = std::max(max_off, off);
         max_ix = std::max(max_ix, (Q[r] - 1) * dx + off);
       }
     }
     margin_l = -min_ix;
-    L = (margin_l + max_ix + 1 + dx - 1) / dx * dx;
-    Lq = L / dx;
-    buf_len = H * L + margin_l + max_off + dx + 1;  // The last row's discarded positions read past it.
+    phase_len = (margin_l + max_ix + 1 + dx - 1) / dx + 1;
+    row_len = phase_len * dx;
+    for (int64_t r = 0; r < ux; r++)
+      for (const auto& t : offs[r]) htaps[r].push_back({t.first, t.second + margin_l});
   }
 
-  size_t work_size() const { return size_t(buf_len + H * Lq); }
+  size_t work_size() const { return size_t(row_len * (dx > 1 ? 2 : 1) + (ux > 1 ? OW : 0)); }
+
+  // dst[q] = sum_k w[k] * src[k][q] for q < n.
+  template <int N, typename D>
+  static void weighted_sum(D* __restrict__ dst, const A* const* src, const A* w, int64_t k_n, int64_t n) {
+    if (N > 0) {
+      for (int64_t q = 0; q < n; q++) {
+        A s = w[0] * src[0][q];
+        for (int k = 1; k < N; k++) s += w[k] * src[k][q];
+        dst[q] = D(s);
+      }
+      return;
+    }
+    if (k_n == 0) {
+      for (int64_t q = 0; q < n; q++) dst[q] = D(0);
+      return;
+    }
+    if (std::is_same<D, A>::value) {
+      A* a = reinterpret_cast<A*>(dst);
+      for (int64_t q = 0; q < n; q++) a[q] = w[0] * src[0][q];
+      for (int64_t k = 1; k < k_n; k++) {
+        const A* __restrict__ s = src[k];
+        const A wk = w[k];
+        for (int64_t q = 0; q < n; q++) a[q] += wk * s[q];
+      }
+      return;
+    }
+    for (int64_t q = 0; q < n; q++) {
+      A s = A(0);
+      for (int64_t k = 0; k < k_n; k++) s += w[k] * src[k][q];
+      dst[q] = D(s);
+    }
+  }
+
+  template <typename D>
+  static void sum_dispatch(D* dst, const A* const* src, const A* w, int64_t k_n, int64_t n) {
+    switch (k_n) {
+      case 1: return weighted_sum<1>(dst, src, w, k_n, n);
+      case 2: return weighted_sum<2>(dst, src, w, k_n, n);
+      case 3: return weighted_sum<3>(dst, src, w, k_n, n);
+      case 4: return weighted_sum<4>(dst, src, w, k_n, n);
+      case 6: return weighted_sum<6>(dst, src, w, k_n, n);
+      default: return weighted_sum<0>(dst, src, w, k_n, n);
+    }
+  }
 
   template <typename S, typename D>
-  void run(const S* __restrict__ src, D* __restrict__ dst, A* __restrict__ work) const {
-    A* __restrict__ buf = work;
-    A* __restrict__ acc = work + buf_len;
-    for (int64_t iy = 0; iy < H; iy++) {
-      A* __restrict__ row = buf + iy * L;
-      const S* __restrict__ s = src + iy * W;
-      for (int64_t i = 0; i < margin_l; i++) row[i] = A(0);
-      for (int64_t ix = 0; ix < W; ix++) row[margin_l + ix] = A(s[ix]);
-      for (int64_t i = margin_l + W; i < L; i++) row[i] = A(0);
-    }
-    for (int64_t i = H * L; i < buf_len; i++) buf[i] = A(0);
-    const int64_t K = H * Lq;
-    for (int64_t r = 0; r < ux; r++) {
-      if (Q[r] == 0) continue;
-      for (int64_t k = 0; k < K; k++) acc[k] = A(0);
-      for (const auto& t : htaps[r]) {
-        const A w = taps[t.first];
-        const A* __restrict__ in = buf + margin_l + t.second;
-        if (dx == 1) {
-          for (int64_t k = 0; k < K; k++) acc[k] += w * in[k];
-        } else if (dx == 2) {
-          for (int64_t k = 0; k < K; k++) acc[k] += w * in[2 * k];
-        } else {
-          for (int64_t k = 0; k < K; k++) acc[k] += w * in[k * dx];
-        }
-      }
-      for (int64_t iy = 0; iy < H; iy++) {
-        const A* __restrict__ a = acc + iy * Lq;
-        D* __restrict__ out = dst + iy * OW + r;
-        if (ux == 1) {
-          for (int64_t q = 0; q < Q[r]; q++) out[q] = D(a[q]);
-        } else {
-          for (int64_t q = 0; q < Q[r]; q++) out[q * ux] = D(a[q]);
-        }
-      }
-    }
-  }
-};
-
-template <typename A>
-struct PassH {
-  int64_t H, W, OH, fh, uy, dy, py0;
-  std::vector<A> taps;
-  std::vector<int64_t> M;
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> vtaps;  // Per residue: (ky, input row offset).
-  int64_t margin_t = 0, rows = 0;
-
-  void plan() {
-    M.assign(uy, 0);
-    vtaps.assign(uy, {});
-    int64_t min_iy = 0, max_iy = H - 1;
-    for (int64_t r = 0; r < uy; r++) {
-      M[r] = r < OH ? (OH - 1 - r) / uy + 1 : 0;
-      if (M[r] == 0) continue;
-      for (int64_t ky = 0; ky < fh; ky++) {
-        int64_t num = r * dy + ky - py0;
-        if (floormod(num, uy) != 0) continue;
-        int64_t off = floordiv(num, uy);
-        vtaps[r].push_back({ky, off});
-        min_iy = std::min(min_iy, off);
-        max_iy = std::max(max_iy, (M[r] - 1) * dy + off);
-      }
-    }
-    margin_t = -min_iy;
-    rows = margin_t + max_iy + 1;
-  }
-
-  bool in_place() const { return margin_t == 0 && rows == H; }
-  size_t work_size() const { return size_t((in_place() ? 0 : rows * W) + ((OH + uy - 1) / uy) * W); }
-
-  template <typename S, typename D>
-  void run(const S* __restrict__ src, D* __restrict__ dst, A* __restrict__ work) const {
-    const A* buf;
-    A* __restrict__ acc = work;
-    if (std::is_same<S, A>::value && in_place()) {
-      buf = reinterpret_cast<const A*>(src);
+  void run(const S* __restrict__ src, D* __restrict__ dst, A* __restrict__ work, std::vector<A>& plane) const {
+    const A* x;
+    if (std::is_same<S, A>::value) {
+      x = reinterpret_cast<const A*>(src);
     } else {
-      A* b = work;
-      acc = work + rows * W;
-      for (int64_t i = 0; i < margin_t * W; i++) b[i] = A(0);
-      for (int64_t i = 0; i < H * W; i++) b[margin_t * W + i] = A(src[i]);
-      for (int64_t i = (margin_t + H) * W; i < rows * W; i++) b[i] = A(0);
-      buf = b;
+      for (int64_t i = 0; i < H * W; i++) plane[i] = A(src[i]);
+      x = plane.data();
     }
-    for (int64_t r = 0; r < uy; r++) {
-      const int64_t n = M[r] * W;
-      if (n == 0) continue;
-      for (int64_t k = 0; k < n; k++) acc[k] = A(0);
-      for (const auto& t : vtaps[r]) {
-        const A w = taps[t.first];
-        if (dy == 1) {
-          const A* __restrict__ in = buf + (margin_t + t.second) * W;
-          for (int64_t k = 0; k < n; k++) acc[k] += w * in[k];
-        } else {
-          for (int64_t m = 0; m < M[r]; m++) {
-            const A* __restrict__ in = buf + (margin_t + m * dy + t.second) * W;
-            A* __restrict__ a = acc + m * W;
-            for (int64_t j = 0; j < W; j++) a[j] += w * in[j];
-          }
-        }
+    A* row = work;                                   // [row_len]: input columns at margin_l.
+    A* phases = dx > 1 ? work + row_len : row;       // [dx][phase_len]: phase s holds row[i*dx + s].
+    A* res = work + row_len * (dx > 1 ? 2 : 1);      // [OW]: the residues before interleaving.
+    for (int64_t i = 0; i < row_len; i++) row[i] = A(0);
+    const int64_t max_taps = std::max(fh, fw);
+    std::vector<const A*> ptrs(max_taps);
+    std::vector<A> w(max_taps);
+    for (int64_t oy = 0; oy < OH; oy++) {
+      int64_t n = 0;
+      for (int64_t ky = 0; ky < fh; ky++) {
+        const int64_t num = oy * dy + ky - py0;
+        if (floormod(num, uy) != 0 || u[ky] == A(0)) continue;
+        const int64_t iy = floordiv(num, uy);
+        if (iy < 0 || iy >= H) continue;
+        ptrs[n] = x + iy * W;
+        w[n++] = u[ky];
       }
-      for (int64_t m = 0; m < M[r]; m++) {
-        const A* __restrict__ a = acc + m * W;
-        D* __restrict__ out = dst + (m * uy + r) * W;
-        for (int64_t j = 0; j < W; j++) out[j] = D(a[j]);
+      sum_dispatch(row + margin_l, ptrs.data(), w.data(), n, W);
+      if (dx > 1)
+        for (int64_t s = 0; s < dx; s++)
+          for (int64_t i = 0; i < phase_len; i++) phases[s * phase_len + i] = row[i * dx + s];
+      D* out = dst + oy * OW;
+      int64_t res_off = 0;
+      for (int64_t r = 0; r < ux; r++) {
+        const auto& taps = htaps[r];
+        for (size_t j = 0; j < taps.size(); j++) {
+          const int64_t idx = taps[j].second;  // Row index of output 0; phase idx % dx, shifted by idx / dx.
+          ptrs[j] = phases + (idx % dx) * phase_len + idx / dx;
+          w[j] = taps[j].first;
+        }
+        if (ux == 1) {
+          sum_dispatch(out, ptrs.data(), w.data(), int64_t(taps.size()), Q[0]);
+        } else {
+          sum_dispatch(res + res_off, ptrs.data(), w.data(), int64_t(taps.size()), Q[r]);
+          for (int64_t q = 0; q < Q[r]; q++) out[q * ux + r] = D(res[res_off + q]);
+        }
+        res_off += Q[r];
       }
     }
   }
@@ -319,18 +306,12 @@ void run(T* y, const T* x, const float* f, const Params& p) {
     return;
   }
 
-  // Along W on the input rows, then along H.
-  PassW<A> pw{p.H, p.W, p.OW, p.fw, p.upx, p.downx, p.px0, v};
-  PassH<A> ph{p.H, p.OW, p.OH, p.fh, p.upy, p.downy, p.py0, u};
-  pw.plan();
-  ph.plan();
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (p.H + p.OH) * p.OW * 2));
+  SepRows<A> sr{p.H, p.W, p.OH, p.OW, p.fh, p.fw, p.upx, p.upy, p.downx, p.downy, p.px0, p.py0, u, v};
+  sr.plan();
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.OH * p.OW * (p.fh + p.fw)));
   at::parallel_for(0, p.planes, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> work_w(pw.work_size()), work_h(ph.work_size()), mid(p.H * p.OW);
-    for (int64_t i = begin; i < end; i++) {
-      pw.run(x + i * p.H * p.W, mid.data(), work_w.data());
-      ph.run(mid.data(), y + i * p.OH * p.OW, work_h.data());
-    }
+    std::vector<A> work(sr.work_size()), plane(std::is_same<T, A>::value ? 0 : p.H * p.W);
+    for (int64_t i = begin; i < end; i++) sr.run(x + i * p.H * p.W, y + i * p.OH * p.OW, work.data(), plane);
   });
 }
 
