@@ -115,17 +115,19 @@ struct Pass {
 
 // A separable filter, one output row at a time: the input rows that the row's vertical taps
 // meet (with up > 1, only those on non-inserted rows) are combined into one zero-margined row,
-// the sum kept in a register; that row is then filtered along W, polyphase like `Pass`. So
-// that every load stays contiguous, the row is split into `down` phases (columns i*down + s)
-// and each tap of each output residue becomes a (weight, phase pointer) pair:
-// out_r[q] = sum_j w_j * p_j[q]. Tap counts of the usual filters are compile-time constants,
-// so the inner sums unroll and the q loops vectorise; nothing round-trips through memory.
+// the sum kept in a register; that row is then filtered along W, polyphase like `Pass`: each
+// tap of each output residue is a (weight, pointer) pair, out_r[q] = sum_j w_j * p_j[q * down].
+// Down 1 and 2 read the row directly (the compiler deinterleaves stride-2 loads in registers);
+// a larger `down` first splits the row into its phases (columns i*down + s). The usual tap
+// counts are compile-time constants, so the sums unroll and the q loops vectorise; the taps
+// and row offsets are planned once per call, so a row costs no index arithmetic.
 template <typename A>
 struct SepRows {
   int64_t H, W, OH, OW, fh, fw, ux, uy, dx, dy, px0, py0;
   std::vector<A> u, v;  // Vertical and horizontal correlation taps.
   std::vector<int64_t> Q;                                // Output columns per residue.
-  std::vector<std::vector<std::pair<A, int64_t>>> htaps;  // Per residue: (tap, index into the row).
+  std::vector<std::vector<std::pair<A, int64_t>>> htaps;  // Per residue: (tap, offset into the phases).
+  std::vector<std::vector<std::pair<A, int64_t>>> vtaps;  // Per output row: (tap, offset of its input row).
   int64_t margin_l = 0, row_len = 0, phase_len = 0;
 
   void plan() {
@@ -149,52 +151,52 @@ struct SepRows {
     phase_len = (margin_l + max_ix + 1 + dx - 1) / dx + 1;
     row_len = phase_len * dx;
     for (int64_t r = 0; r < ux; r++)
-      for (const auto& t : offs[r]) htaps[r].push_back({t.first, t.second + margin_l});
+      for (const auto& t : offs[r]) {
+        const int64_t idx = t.second + margin_l;  // Row index of output 0 (for down > 2: phase idx % dx, shifted by idx / dx).
+        htaps[r].push_back({t.first, dx > 2 ? (idx % dx) * phase_len + idx / dx : idx});
+      }
+    vtaps.assign(OH, {});
+    for (int64_t oy = 0; oy < OH; oy++)
+      for (int64_t ky = 0; ky < fh; ky++) {
+        const int64_t num = oy * dy + ky - py0;
+        if (floormod(num, uy) != 0 || u[ky] == A(0)) continue;
+        const int64_t iy = floordiv(num, uy);
+        if (iy >= 0 && iy < H) vtaps[oy].push_back({u[ky], iy * W});
+      }
   }
 
-  size_t work_size() const { return size_t(row_len * (dx > 1 ? 2 : 1) + (ux > 1 ? OW : 0)); }
+  size_t work_size() const { return size_t(row_len * (dx > 2 ? 2 : 1) + (ux > 1 ? OW : 0)); }
 
-  // dst[q] = sum_k w[k] * src[k][q] for q < n.
-  template <int N, typename D>
+  // dst[q] = sum_k w[k] * src[k][q * STRIDE] for q < n; N taps (0: k_n, not unrolled).
+  template <int N, int STRIDE, typename D>
   static void weighted_sum(D* __restrict__ dst, const A* const* src, const A* w, int64_t k_n, int64_t n) {
     if (N > 0) {
       for (int64_t q = 0; q < n; q++) {
-        A s = w[0] * src[0][q];
-        for (int k = 1; k < N; k++) s += w[k] * src[k][q];
+        A s = w[0] * src[0][q * STRIDE];
+        for (int k = 1; k < N; k++) s += w[k] * src[k][q * STRIDE];
         dst[q] = D(s);
-      }
-      return;
-    }
-    if (k_n == 0) {
-      for (int64_t q = 0; q < n; q++) dst[q] = D(0);
-      return;
-    }
-    if (std::is_same<D, A>::value) {
-      A* a = reinterpret_cast<A*>(dst);
-      for (int64_t q = 0; q < n; q++) a[q] = w[0] * src[0][q];
-      for (int64_t k = 1; k < k_n; k++) {
-        const A* __restrict__ s = src[k];
-        const A wk = w[k];
-        for (int64_t q = 0; q < n; q++) a[q] += wk * s[q];
       }
       return;
     }
     for (int64_t q = 0; q < n; q++) {
       A s = A(0);
-      for (int64_t k = 0; k < k_n; k++) s += w[k] * src[k][q];
+      for (int64_t k = 0; k < k_n; k++) s += w[k] * src[k][q * STRIDE];
       dst[q] = D(s);
     }
   }
 
-  template <typename D>
+  template <int STRIDE, typename D>
   static void sum_dispatch(D* dst, const A* const* src, const A* w, int64_t k_n, int64_t n) {
     switch (k_n) {
-      case 1: return weighted_sum<1>(dst, src, w, k_n, n);
-      case 2: return weighted_sum<2>(dst, src, w, k_n, n);
-      case 3: return weighted_sum<3>(dst, src, w, k_n, n);
-      case 4: return weighted_sum<4>(dst, src, w, k_n, n);
-      case 6: return weighted_sum<6>(dst, src, w, k_n, n);
-      default: return weighted_sum<0>(dst, src, w, k_n, n);
+      case 1: return weighted_sum<1, STRIDE>(dst, src, w, k_n, n);
+      case 2: return weighted_sum<2, STRIDE>(dst, src, w, k_n, n);
+      case 3: return weighted_sum<3, STRIDE>(dst, src, w, k_n, n);
+      case 4: return weighted_sum<4, STRIDE>(dst, src, w, k_n, n);
+      case 5: return weighted_sum<5, STRIDE>(dst, src, w, k_n, n);
+      case 6: return weighted_sum<6, STRIDE>(dst, src, w, k_n, n);
+      case 8: return weighted_sum<8, STRIDE>(dst, src, w, k_n, n);
+      case 12: return weighted_sum<12, STRIDE>(dst, src, w, k_n, n);
+      default: return weighted_sum<0, STRIDE>(dst, src, w, k_n, n);
     }
   }
 
@@ -208,24 +210,20 @@ struct SepRows {
       x = plane.data();
     }
     A* row = work;                                   // [row_len]: input columns at margin_l.
-    A* phases = dx > 1 ? work + row_len : row;       // [dx][phase_len]: phase s holds row[i*dx + s].
-    A* res = work + row_len * (dx > 1 ? 2 : 1);      // [OW]: the residues before interleaving.
+    A* phases = dx > 2 ? work + row_len : row;       // [dx][phase_len]: phase s holds row[i*dx + s].
+    A* res = work + row_len * (dx > 2 ? 2 : 1);      // [OW]: the residues before interleaving.
     for (int64_t i = 0; i < row_len; i++) row[i] = A(0);
     const int64_t max_taps = std::max(fh, fw);
     std::vector<const A*> ptrs(max_taps);
     std::vector<A> w(max_taps);
     for (int64_t oy = 0; oy < OH; oy++) {
-      int64_t n = 0;
-      for (int64_t ky = 0; ky < fh; ky++) {
-        const int64_t num = oy * dy + ky - py0;
-        if (floormod(num, uy) != 0 || u[ky] == A(0)) continue;
-        const int64_t iy = floordiv(num, uy);
-        if (iy < 0 || iy >= H) continue;
-        ptrs[n] = x + iy * W;
-        w[n++] = u[ky];
+      const auto& rows = vtaps[oy];
+      for (size_t j = 0; j < rows.size(); j++) {
+        ptrs[j] = x + rows[j].second;
+        w[j] = rows[j].first;
       }
-      sum_dispatch(row + margin_l, ptrs.data(), w.data(), n, W);
-      if (dx > 1)
+      sum_dispatch<1>(row + margin_l, ptrs.data(), w.data(), int64_t(rows.size()), W);
+      if (dx > 2)
         for (int64_t s = 0; s < dx; s++)
           for (int64_t i = 0; i < phase_len; i++) phases[s * phase_len + i] = row[i * dx + s];
       D* out = dst + oy * OW;
@@ -233,17 +231,33 @@ struct SepRows {
       for (int64_t r = 0; r < ux; r++) {
         const auto& taps = htaps[r];
         for (size_t j = 0; j < taps.size(); j++) {
-          const int64_t idx = taps[j].second;  // Row index of output 0; phase idx % dx, shifted by idx / dx.
-          ptrs[j] = phases + (idx % dx) * phase_len + idx / dx;
+          ptrs[j] = phases + taps[j].second;
           w[j] = taps[j].first;
         }
-        if (ux == 1) {
-          sum_dispatch(out, ptrs.data(), w.data(), int64_t(taps.size()), Q[0]);
-        } else {
-          sum_dispatch(res + res_off, ptrs.data(), w.data(), int64_t(taps.size()), Q[r]);
-          for (int64_t q = 0; q < Q[r]; q++) out[q * ux + r] = D(res[res_off + q]);
-        }
+        D* to = ux == 1 ? out : nullptr;
+        A* tr = res + res_off;
+        const int64_t k_n = int64_t(taps.size());
+        if (dx == 2)  // Stride-2 loads straight from the row: the compiler deinterleaves in registers.
+          ux == 1 ? sum_dispatch<2>(to, ptrs.data(), w.data(), k_n, Q[0]) : sum_dispatch<2>(tr, ptrs.data(), w.data(), k_n, Q[r]);
+        else
+          ux == 1 ? sum_dispatch<1>(to, ptrs.data(), w.data(), k_n, Q[0]) : sum_dispatch<1>(tr, ptrs.data(), w.data(), k_n, Q[r]);
         res_off += Q[r];
+      }
+      if (ux == 2) {  // One loop over both residues, so the interleaving stores vectorise.
+        const A* __restrict__ r0 = res;
+        const A* __restrict__ r1 = res + Q[0];
+        const int64_t both = Q[1];  // Q[0] is Q[1] or Q[1] + 1.
+        for (int64_t q = 0; q < both; q++) {
+          out[2 * q] = D(r0[q]);
+          out[2 * q + 1] = D(r1[q]);
+        }
+        if (Q[0] > both) out[2 * both] = D(r0[both]);
+      } else if (ux > 2) {
+        res_off = 0;
+        for (int64_t r = 0; r < ux; r++) {
+          for (int64_t q = 0; q < Q[r]; q++) out[q * ux + r] = D(res[res_off + q]);
+          res_off += Q[r];
+        }
       }
     }
   }
