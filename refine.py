@@ -95,6 +95,7 @@ def saved_options(run_dir, ctx):
             checked[key] = value
         else:
             raise click.BadParameter(f'{path}: unknown option {key!r}', param_hint='--resume')
+    checked.setdefault('mlp_slots', 0) # runs saved before slots existed used a plain MLP
     return checked
 
 @click.command(cls=cli.Command, context_settings=dict(show_default=True, max_content_width=120), epilog=EXAMPLES)
@@ -114,6 +115,7 @@ def saved_options(run_dir, ctx):
 @click.option('--data',         help='Dataset (ZIP or folder, dataset_tool.py) for the optional real-data GAN terms; needed by sida, dmd2  [default: none, data-free]', metavar='ZIP|DIR', type=str, default=None)
 @click.option('--fake-warmup',  help='First KIMG of --kimg update only the fake score (a GAN far from the teacher) [default: 0]', metavar='KIMG', type=cli.nonnegative_float(), default=None)
 @click.option('--fake-steps',   help='Fake-score updates per generator update  [default: the divergence\'s (1; dmd/fdiv 5); at least 4 for gmm: teachers]', type=click.IntRange(min=1), default=None)
+@click.option('--mlp-slots',    help="--gen mlp: equally likely learned codes the latent picks from, so mass can sit on separated components without bridges; 0 = a plain MLP  [default: 8 per mixture component, 64 to 512]", type=click.IntRange(min=0), default=None)
 @click.option('--ema',          help=f"EMA half-life of the generator [kimg]  {_default('ema')}", type=cli.nonnegative_float(), default=None)
 @click.option('--ema-rampup',   help=f"EMA ramp-up: half-life at most this fraction of the images seen; 0 = off  {_default('ema_rampup')}", type=cli.nonnegative_float(), default=None)
 @click.option('--kimg',         help=f"Training duration [kimg]  {_default('kimg')}", type=cli.positive_float(), default=None)

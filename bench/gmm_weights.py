@@ -90,7 +90,7 @@ def refine_once(spec, divergence, div_opt, kimg, seed, outdir, tick, eval_n, ove
 def fit_reference(teacher, kimg, batch, lr, hidden, seed, eval_n, directions=64):
     """Capacity reference: the vector MLP generator fitted to exact samples by sliced Wasserstein."""
     torch.manual_seed(seed)
-    G, _ = generators.build_generator('mlp', teacher, mlp_kwargs=dict(hidden=hidden))
+    G, _ = generators.build_generator('mlp', teacher, mlp_kwargs=dict(hidden=hidden, slots='auto')) # the default generator
     before = evaluate(G, teacher, eval_n, seed)
     opt = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.999))
     g = torch.Generator().manual_seed(seed + 7)

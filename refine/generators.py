@@ -58,10 +58,21 @@ def _build_generator(spec, teacher, sigma_init, allow_code, mlp_kwargs, stylegan
         if len(teacher.shape) != 1:
             raise SetupError(f'--gen mlp makes vectors, but the teacher makes {tuple(teacher.shape)} images')
         dim = teacher.shape[0]
-        net = networks_mlp.MLPGenerator(z_dim=dim, dim=dim, label_dim=teacher.label_dim,
-            out_scale=teacher.sigma_data, **(mlp_kwargs or {}))
+        kwargs = dict(mlp_kwargs or {})
+        slots = kwargs['slots'] = auto_slots(teacher) if kwargs.get('slots') == 'auto' else int(kwargs.get('slots') or 0)
+        if slots < 0:
+            raise SetupError(f'--mlp-slots must be 0 or more, got {slots}')
+        # With slots one more latent coordinate picks the slot; the rest stay one per data dimension.
+        net = networks_mlp.MLPGenerator(z_dim=dim + (1 if slots else 0), dim=dim, label_dim=teacher.label_dim,
+            out_scale=teacher.sigma_data, **kwargs)
         return networks_generators.LatentGenerator(net), {}
     return _generator_from_pickle(spec, sigma_init, allow_code, stylegan_kwargs or {})
+
+def auto_slots(teacher):
+    """The MLP generator's default slot count: 8 per mixture component, at least 64 (fewer slots
+    converge faster) and at most 512 (more resolve small weights better). docs/gmm-benchmark.md."""
+    components = len(getattr(teacher, 'weights', ()))
+    return int(min(512, max(64, 8 * components)))
 
 def _need_sigma_init(sigma_init):
     if sigma_init is None or not sigma_init > 0:

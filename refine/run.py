@@ -13,7 +13,7 @@ from torch_utils import distributed, train_utils
 # EMA: Diff-Instruct's and SiD's 0.5 Mimg half-life with EDM's ramp-up (half-life <= 0.05 x images
 # seen), so short runs average over their last few percent; see docs/mnist-teacher.md for short runs.
 DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, sigma_init=None,
-    kimg=200.0, tick=1.0, snap=10, seed=0, ema=500.0, ema_rampup=0.05, fake_steps=None, mlp_hidden=256, div_opt=None,
+    kimg=200.0, tick=1.0, snap=10, seed=0, ema=500.0, ema_rampup=0.05, fake_steps=None, mlp_hidden=256, mlp_slots=0, div_opt=None,
     metrics=None, metric_ref=None, metric_batch=64, truncation=None, noise_mode=None, train_params=None,
     max_minutes=None, fake_warmup=0.0,
     data=None, # a dataset for the optional real-data terms (refine/divergences/adversarial.py)
@@ -22,8 +22,10 @@ DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, s
     attention='auto', dropout_mask='uniform', channels_last=False, recompute=True)
 
 # Settings for Gaussian-mixture (vector) teachers: small MLPs learn at higher rates, and the
-# fake score needs several updates per generator update to keep up (tuned on ring8, see README).
-VECTOR_DEFAULTS = dict(lr=3e-3, glr=1e-3, batch=256, ema=5.0, fake_steps=4, mlp_hidden=128)
+# fake score needs several updates per generator update to keep up (tuned on ring8, see README);
+# generator slots (8 per mixture component, 64 to 512) let mass sit on separated components
+# without bridges (docs/gmm-benchmark.md).
+VECTOR_DEFAULTS = dict(lr=3e-3, glr=1e-3, batch=256, ema=5.0, fake_steps=4, mlp_hidden=128, mlp_slots='auto')
 
 def resolve_options(opts):
     """Fill defaults that depend on the teacher kind; returns an EasyDict of final options."""
@@ -34,6 +36,8 @@ def resolve_options(opts):
         if o.get(key) is None:
             o[key] = VECTOR_DEFAULTS.get(key, value) if vector else value
     o.div_opt = dict(o.div_opt or {})
+    if o.mlp_slots not in (0, 'auto') and o.get('gen') != 'mlp':
+        raise ValueError(f"--mlp-slots applies to --gen mlp, not --gen {o.get('gen')}")
     method = DIVERGENCES.get(o.divergence) # an unknown name is reported by prepare()
     if o.sigma_init is None and o.gen == 'teacher':
         # The method's generator input level (Diff-Instruct's README: 1.0; SiD/SIM 2.5; DMD 80).
@@ -62,12 +66,15 @@ def prepare(o, generator=None):
     train_utils.split_batch(o.batch, o.batch_gpu, world) # one-line errors for --batch/--batch-gpu
     teacher = teachers.load_teacher(o.teacher, allow_code=o.allow_pickle_code)
     mlp_kwargs = dict(hidden=o.mlp_hidden)
+    gen_mlp_kwargs = dict(mlp_kwargs, slots=o.mlp_slots)
     stylegan_kwargs = dict(truncation_psi=o.truncation, noise_mode=o.noise_mode, train_params=o.train_params)
     G, companions = generators.build_generator(o.gen, teacher, sigma_init=o.sigma_init,
-        allow_code=o.allow_pickle_code, mlp_kwargs=mlp_kwargs, stylegan_kwargs=stylegan_kwargs, module=generator)
+        allow_code=o.allow_pickle_code, mlp_kwargs=gen_mlp_kwargs, stylegan_kwargs=stylegan_kwargs, module=generator)
     if not hasattr(G, 'snapshot_items') and any(v is not None for v in stylegan_kwargs.values()):
         raise ValueError('--truncation, --noise-mode and --train-params apply to StyleGAN generators (--gen stylegan.pkl)')
     generators.check_compatible(G, teacher)
+    if o.get('gen') == 'mlp' and generator is None:
+        o.mlp_slots = int(G.net.slots) # 'auto' resolved: the saved options rebuild this generator
     if o.metrics:
         if getattr(G, 'is_vector', False):
             raise ValueError(f'--metrics {o.metrics}: image metrics, but this generator makes vectors')

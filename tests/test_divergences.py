@@ -397,7 +397,7 @@ def test_every_divergence_runs_on_ring8_and_its_snapshot_loads(tmp_path, name, o
     run_dir, = glob.glob(os.path.join(tmp_path, '0*'))
     data = safe_pickle.load_network_pkl(sorted(glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl')))[-1])
     assert data['divergence']['name'] == name
-    x = data['G_ema'](torch.randn(16, 2))
+    x = data['G_ema'](torch.randn(16, *data['G_ema'].z_shape))
     assert x.shape == (16, 2) and bool(x.isfinite().all())
     if opts:
         key, value = opts[1].split('=')

@@ -41,7 +41,8 @@ def test_json_mixture_run_recovers_weights_and_improves_unbiased_mmd(tmp_path):
     torch.manual_seed(0) # refine.py's initial generator
     start = run.prepare(run.resolve_options(dict(teacher=spec, gen='mlp', allow_pickle_code=False))).G
     teacher = teachers.load_teacher(spec)
-    z = torch.randn(6000, 2, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(6000, *G.z_shape, generator=torch.Generator().manual_seed(1))
+    assert tuple(start.z_shape) == tuple(G.z_shape) == (3,) # two data dimensions and the slot coordinate
     y = teacher.sample(6000, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         before, after = toy_metrics.mmd_rbf_unbiased(start(z), y), toy_metrics.mmd_rbf_unbiased(G(z), y)

@@ -146,13 +146,23 @@ class MLPGenerator(torch.nn.Module):
         hidden          = 256,          # Width of the hidden layers.
         num_layers      = 4,            # Number of hidden layers.
         out_scale       = 1.0,          # Output multiplier.
+        slots           = 0,            # > 0: z[:, 0] picks one of this many equally likely learned codes.
+        code_dim        = 16,           # Size of each code (with slots).
     ):
         super().__init__()
         self.z_dim = int(z_dim)
         self.dim = int(dim)
         self.label_dim = int(label_dim)
         self.out_scale = float(out_scale)
-        self.model = MLPBody(z_dim + label_dim, dim, hidden=hidden, num_layers=num_layers)
+        self.slots = int(slots)
+        self.code_dim = int(code_dim) if self.slots else 0
+        if self.slots and self.z_dim < 2:
+            raise ValueError('an MLP generator with slots needs z_dim >= 2 (z[:, 0] picks the slot)')
+        # With slots, the map from latents to samples is disconnected: a slot's code can move its
+        # mass to one mixture component without a bridge of samples to the others.
+        self.codes = torch.nn.Parameter(torch.randn(self.slots, self.code_dim)) if self.slots else None
+        cont = self.z_dim - 1 if self.slots else self.z_dim
+        self.model = MLPBody(cont + self.code_dim + label_dim, dim, hidden=hidden, num_layers=num_layers)
         self._calibrate_output()
 
     @torch.no_grad()
@@ -171,10 +181,18 @@ class MLPGenerator(torch.nn.Module):
 
     def _raw(self, z, c):
         dtype = _float_dtype(z)
+        if z.shape[-1] != self.z_dim: # a reshape would silently regroup the numbers
+            raise ValueError(f'MLPGenerator: latents of {self.z_dim} numbers expected, got shape {tuple(z.shape)}')
         z = z.to(dtype).reshape(-1, self.z_dim)
         labels = _labels(c, self.label_dim, z.shape[0], dtype, z.device)
-        inp = z if labels is None else torch.cat([z, labels], dim=1)
-        return self.model(inp)
+        parts = [z]
+        if self.slots: # Phi(z_0) is uniform on (0, 1): every slot gets 1/slots of the samples
+            u = 0.5 * (1 + torch.erf(z[:, 0] / math.sqrt(2)))
+            k = (u * self.slots).long().clamp(0, self.slots - 1)
+            parts = [z[:, 1:], self.codes.to(dtype)[k]]
+        if labels is not None:
+            parts.append(labels)
+        return self.model(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
 
     def forward(self, z, c=None, **kwargs):
         del kwargs
