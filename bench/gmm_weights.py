@@ -87,10 +87,10 @@ def refine_once(spec, divergence, div_opt, kimg, seed, outdir, tick, eval_n, ove
     seconds = time.time() - start - ticker.seconds
     return setup.teacher, before, evaluate(result.G_ema, setup.teacher, eval_n, seed), seconds, run_dir
 
-def fit_reference(teacher, kimg, batch, lr, hidden, seed, eval_n, directions=64):
+def fit_reference(teacher, kimg, batch, lr, hidden, seed, eval_n, directions=64, slots=None):
     """Capacity reference: the vector MLP generator fitted to exact samples by sliced Wasserstein."""
     torch.manual_seed(seed)
-    G, _ = generators.build_generator('mlp', teacher, mlp_kwargs=dict(hidden=hidden, slots='auto')) # the default generator
+    G, _ = generators.build_generator('mlp', teacher, mlp_kwargs=dict(hidden=hidden, slots='auto' if slots is None else slots)) # the runs' generator
     before = evaluate(G, teacher, eval_n, seed)
     opt = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.999))
     g = torch.Generator().manual_seed(seed + 7)
@@ -126,10 +126,11 @@ def mass_line(label, teacher_label, after):
 @click.option('--tick', default=None, type=float, help='kimg between per-tick metrics [default: kimg/10]')
 @click.option('--glr', default=None, type=float, help='Generator learning rate [default: the vector default]')
 @click.option('--lr', default=None, type=float, help='Fake-score learning rate [default: the vector default]')
+@click.option('--mlp-slots', default=None, type=click.IntRange(min=0), help="Generator slots (refine.py --mlp-slots) [default: refine.py's]")
 @click.option('--reference', is_flag=True, help='Also fit the capacity reference (sliced Wasserstein) per teacher')
 @click.option('--outdir', default='out/bench-gmm-weights', show_default=True)
 @click.option('--verbose', is_flag=True, help='Print the per-tick metrics')
-def main(teacher_specs, divergences, kimg, seed, eval_n, tick, glr, lr, reference, outdir, verbose):
+def main(teacher_specs, divergences, kimg, seed, eval_n, tick, glr, lr, mlp_slots, reference, outdir, verbose):
     torch.set_num_threads(1) # tiny MLPs: a second intra-op thread only adds contention
     specs = [parse_spec(s) for s in divergences.split(',') if s]
     try:
@@ -142,7 +143,7 @@ def main(teacher_specs, divergences, kimg, seed, eval_n, tick, glr, lr, referenc
         noise = exact_noise(teacher, eval_n, seed)
         if reference:
             o = run.resolve_options(dict(teacher=spec, gen='mlp'))
-            b, a, secs = fit_reference(teacher, kimg, o.batch, o.glr, o.mlp_hidden, seed, eval_n)
+            b, a, secs = fit_reference(teacher, kimg, o.batch, o.glr, o.mlp_hidden, seed, eval_n, slots=mlp_slots)
             rows.append(row('reference (SW fit)', _label(spec), kimg, b, a, noise, secs))
             mass_lines.append(mass_line('reference', _label(spec), a))
             print(rows[-1], flush=True)
@@ -150,7 +151,7 @@ def main(teacher_specs, divergences, kimg, seed, eval_n, tick, glr, lr, referenc
             label = name + ''.join(f':{k}={v}' for k, v in opts.items())
             try:
                 t, b, a, secs, run_dir = refine_once(spec, name, opts, kimg, seed, outdir, tick or max(kimg / 10, 1),
-                    eval_n, dict(glr=glr, lr=lr), log)
+                    eval_n, dict(glr=glr, lr=lr, mlp_slots=mlp_slots), log)
             except ValueError as e:
                 raise click.ClickException(str(e)) from None
             save_scatter_png(a['samples'][:4000, :2].numpy(), os.path.join(run_dir, 'after.png'), components=t,
