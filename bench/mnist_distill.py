@@ -118,7 +118,10 @@ def distil(divergence, teacher, reference, outdir, kimg, snap, batch, lr, glr, e
             near = snapshot_near(run_dir, k)
             if near is not None:
                 _, cache = cached_fid(run_dir, near[1], near[0], inception_ref, fid_num, compute=not plot_only)
-        result['fid_curve'] = sorted((v['kimg'], v['fid']) for v in cache.values() if v.get('ref', inception_ref) == inception_ref)
+        # A snapshot's file name numbers whole kimg; the FD records hold its exact kimg.
+        exact = {r.get('snapshot_pkl'): r['kimg'] for r in curve}
+        result['fid_curve'] = sorted((exact.get(name, v['kimg']), v['fid']) for name, v in cache.items()
+            if v.get('ref', inception_ref) == inception_ref)
     with open(os.path.join(run_dir, 'result.json'), 'w') as f:
         json.dump(result, f, indent=2)
     print(f'Curve: {run_dir}/curve.png', flush=True)
