@@ -168,25 +168,25 @@ struct SepRows {
   size_t work_size() const { return size_t(row_len * (dx > 2 ? 2 : 1) + (ux > 1 ? OW : 0)); }
 
   // dst[q] = sum_k w[k] * src[k][q * STRIDE] for q < n; N taps (0: k_n, not unrolled).
-  template <int N, int STRIDE, typename D>
-  static void weighted_sum(D* __restrict__ dst, const A* const* src, const A* w, int64_t k_n, int64_t n) {
+  template <int N, int STRIDE>
+  static void weighted_sum(A* __restrict__ dst, const A* const* src, const A* w, int64_t k_n, int64_t n) {
     if (N > 0) {
       for (int64_t q = 0; q < n; q++) {
         A s = w[0] * src[0][q * STRIDE];
         for (int k = 1; k < N; k++) s += w[k] * src[k][q * STRIDE];
-        dst[q] = D(s);
+        dst[q] = s;
       }
       return;
     }
     for (int64_t q = 0; q < n; q++) {
       A s = A(0);
       for (int64_t k = 0; k < k_n; k++) s += w[k] * src[k][q * STRIDE];
-      dst[q] = D(s);
+      dst[q] = s;
     }
   }
 
-  template <int STRIDE, typename D>
-  static void sum_dispatch(D* dst, const A* const* src, const A* w, int64_t k_n, int64_t n) {
+  template <int STRIDE>
+  static void sum_dispatch(A* dst, const A* const* src, const A* w, int64_t k_n, int64_t n) {
     switch (k_n) {
       case 1: return weighted_sum<1, STRIDE>(dst, src, w, k_n, n);
       case 2: return weighted_sum<2, STRIDE>(dst, src, w, k_n, n);
@@ -200,33 +200,23 @@ struct SepRows {
     }
   }
 
-  template <typename S, typename D>
-  void run(const S* __restrict__ src, D* __restrict__ dst, A* __restrict__ work, std::vector<A>& plane) const {
-    const A* x;
-    if (std::is_same<S, A>::value) {
-      x = reinterpret_cast<const A*>(src);
-    } else {
-      for (int64_t i = 0; i < H * W; i++) plane[i] = A(src[i]);
-      x = plane.data();
-    }
+  // One plane: x [H, W] -> out [OH, OW]. `ptrs`, `w`: scratch of max(fh, fw) entries.
+  void run(const A* __restrict__ x, A* __restrict__ dst, A* __restrict__ work, const A** ptrs, A* w) const {
     A* row = work;                                   // [row_len]: input columns at margin_l.
     A* phases = dx > 2 ? work + row_len : row;       // [dx][phase_len]: phase s holds row[i*dx + s].
     A* res = work + row_len * (dx > 2 ? 2 : 1);      // [OW]: the residues before interleaving.
     for (int64_t i = 0; i < row_len; i++) row[i] = A(0);
-    const int64_t max_taps = std::max(fh, fw);
-    std::vector<const A*> ptrs(max_taps);
-    std::vector<A> w(max_taps);
     for (int64_t oy = 0; oy < OH; oy++) {
       const auto& rows = vtaps[oy];
       for (size_t j = 0; j < rows.size(); j++) {
         ptrs[j] = x + rows[j].second;
         w[j] = rows[j].first;
       }
-      sum_dispatch<1>(row + margin_l, ptrs.data(), w.data(), int64_t(rows.size()), W);
+      sum_dispatch<1>(row + margin_l, ptrs, w, int64_t(rows.size()), W);
       if (dx > 2)
         for (int64_t s = 0; s < dx; s++)
           for (int64_t i = 0; i < phase_len; i++) phases[s * phase_len + i] = row[i * dx + s];
-      D* out = dst + oy * OW;
+      A* out = dst + oy * OW;
       int64_t res_off = 0;
       for (int64_t r = 0; r < ux; r++) {
         const auto& taps = htaps[r];
@@ -234,13 +224,11 @@ struct SepRows {
           ptrs[j] = phases + taps[j].second;
           w[j] = taps[j].first;
         }
-        D* to = ux == 1 ? out : nullptr;
-        A* tr = res + res_off;
-        const int64_t k_n = int64_t(taps.size());
+        A* target = ux == 1 ? out : res + res_off;
         if (dx == 2)  // Stride-2 loads straight from the row: the compiler deinterleaves in registers.
-          ux == 1 ? sum_dispatch<2>(to, ptrs.data(), w.data(), k_n, Q[0]) : sum_dispatch<2>(tr, ptrs.data(), w.data(), k_n, Q[r]);
+          sum_dispatch<2>(target, ptrs, w, int64_t(taps.size()), Q[r]);
         else
-          ux == 1 ? sum_dispatch<1>(to, ptrs.data(), w.data(), k_n, Q[0]) : sum_dispatch<1>(tr, ptrs.data(), w.data(), k_n, Q[r]);
+          sum_dispatch<1>(target, ptrs, w, int64_t(taps.size()), Q[r]);
         res_off += Q[r];
       }
       if (ux == 2) {  // One loop over both residues, so the interleaving stores vectorise.
@@ -248,14 +236,14 @@ struct SepRows {
         const A* __restrict__ r1 = res + Q[0];
         const int64_t both = Q[1];  // Q[0] is Q[1] or Q[1] + 1.
         for (int64_t q = 0; q < both; q++) {
-          out[2 * q] = D(r0[q]);
-          out[2 * q + 1] = D(r1[q]);
+          out[2 * q] = r0[q];
+          out[2 * q + 1] = r1[q];
         }
-        if (Q[0] > both) out[2 * both] = D(r0[both]);
+        if (Q[0] > both) out[2 * both] = r0[both];
       } else if (ux > 2) {
         res_off = 0;
         for (int64_t r = 0; r < ux; r++) {
-          for (int64_t q = 0; q < Q[r]; q++) out[q * ux + r] = D(res[res_off + q]);
+          for (int64_t q = 0; q < Q[r]; q++) out[q * ux + r] = res[res_off + q];
           res_off += Q[r];
         }
       }
@@ -324,8 +312,9 @@ void run(T* y, const T* x, const float* f, const Params& p) {
   sr.plan();
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.OH * p.OW * (p.fh + p.fw)));
   at::parallel_for(0, p.planes, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> work(sr.work_size()), plane(std::is_same<T, A>::value ? 0 : p.H * p.W);
-    for (int64_t i = begin; i < end; i++) sr.run(x + i * p.H * p.W, y + i * p.OH * p.OW, work.data(), plane);
+    std::vector<A> work(sr.work_size()), w(std::max(p.fh, p.fw));
+    std::vector<const A*> ptrs(w.size());
+    for (int64_t i = begin; i < end; i++) sr.run(x + i * p.H * p.W, y + i * p.OH * p.OW, work.data(), ptrs.data(), w.data());
   });
 }
 
