@@ -81,6 +81,8 @@ def saved_options(run_dir, ctx):
             if value is not None and not isinstance(value, dict):
                 raise click.BadParameter(f'{path}: div_opt must be an object', param_hint='--resume')
             checked[key] = value or {}
+        elif key in params and value == run.DEFAULTS.get(key, object()):
+            checked[key] = value # a default the flag cannot spell ('auto' of a boolean flag)
         elif key in params:
             try: # the flag's type, not its range: a resolved value may be outside it (vardiu's 0 fake steps)
                 kind = params[key].type
@@ -132,8 +134,9 @@ def saved_options(run_dir, ctx):
 @click.option('--tf32/--no-tf32', help=f"Speed: TF32 matrix products on GPUs  {_default('tf32')}", default=None)
 @click.option('--attention',    help=f"Speed: EDM attention by scaled_dot_product_attention or explicit products (auto: sdpa on GPUs)  {_default('attention')}", type=click.Choice(['auto', 'sdpa', 'matmul']), default=None)
 @click.option('--dropout-mask', help=f"Speed: EDM dropout masks from 16-bit uniform draws, or bernoulli (NVlabs' random stream)  {_default('dropout_mask')}", type=click.Choice(['uniform', 'bernoulli']), default=None)
-@click.option('--channels-last/--no-channels-last', help=f"Speed: channels_last memory layout for the EDM UNets  {_default('channels_last')}", default=None)
+@click.option('--channels-last/--no-channels-last', help=f"Speed: channels_last memory layout for the EDM UNets (auto: on CPUs with the fused-norm kernel)  {_default('channels_last')}", default=None)
 @click.option('--recompute/--no-recompute', help=f"Memory: recompute norm/activation chains in the backward pass (same results)  {_default('recompute')}", default=None)
+@click.option('--fused-norm/--no-fused-norm', help=f"Speed: EDM GroupNorm-SiLU-dropout as one compiled CPU kernel (float32 rounding)  {_default('fused_norm')}", default=None)
 @click.option('--resume',       help='Continue a run: its directory or a training-state .pt', metavar='PATH', type=str)
 @click.option('--allow-pickle-code', help='Run code embedded in pickles (trusted files only)', is_flag=True)
 @click.option('--dry-run',      help='Print the resolved options and exit', is_flag=True)

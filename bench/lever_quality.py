@@ -26,7 +26,7 @@ from refine import run # pylint: disable=wrong-import-position
 
 FAST_STATS = 'pretrained/mnist-train60k-fast.npz'
 OFF = dict(reuse_samples=False, amp='off', compile=False, fused_optim=False, attention='matmul',
-    dropout_mask='bernoulli', channels_last=False, recompute=False)
+    dropout_mask='bernoulli', channels_last=False, recompute=False, fused_norm=False)
 
 @click.command()
 @click.option('--teacher', default='pretrained/edm-mnist32-cond.pkl', show_default=True)

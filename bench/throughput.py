@@ -124,11 +124,11 @@ def isolated_passes(T, G, fake, div, batch, levers, reuse, device, repeats):
 
 def measure(teacher='small32', divergence='di', batch=32, iters=5, warmup=2, repeats=3, device=None,
         reuse=False, amp='off', compile=False, fused=True, tf32=True, attention='auto', dropout_mask='uniform', # pylint: disable=redefined-builtin
-        channels_last=False, recompute=True, passes=True, sigma_init=None, preset_overrides=None, log=None):
+        channels_last='auto', recompute=True, fused_norm=True, passes=True, sigma_init=None, preset_overrides=None, log=None):
     """One measurement (a dict); the loop runs first, so the CPU peak RSS is the loop's."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     previous = networks_edm.set_implementation(attention=attention, dropout=dropout_mask, channels_last=channels_last,
-        recompute=recompute)
+        recompute=recompute, fused_norm=fused_norm)
     try:
         torch.manual_seed(0)
         T, G, fake, div = build(teacher, divergence, sigma_init, preset_overrides)
@@ -201,20 +201,22 @@ def report(m):
 @click.option('--tf32/--no-tf32', default=True, show_default=True, help='TF32 on GPUs')
 @click.option('--attention', default='auto', show_default=True, type=click.Choice(['auto', 'sdpa', 'matmul']))
 @click.option('--dropout-mask', default='uniform', show_default=True, type=click.Choice(['uniform', 'bernoulli']))
-@click.option('--channels-last/--no-channels-last', default=False, show_default=True)
+@click.option('--channels-last/--no-channels-last', default=None, help='NHWC UNets  [default: auto]')
 @click.option('--recompute/--no-recompute', default=True, show_default=True, help='Recompute norm-act chains in backward')
+@click.option('--fused-norm/--no-fused-norm', default=True, show_default=True, help='GroupNorm-SiLU-dropout CPU kernel')
 @click.option('--malloc/--no-malloc', default=True, show_default=True, help='glibc malloc settings (refine/speed.py)')
 @click.option('--passes/--no-passes', default=True, show_default=True, help='Also time the isolated passes')
 @click.option('--json', 'json_path', default=None, help='Append the measurement as a JSON line here')
 def main(teacher, divergence, batch, iters, warmup, repeats, device, threads, reuse, amp, compile_, fused, tf32,
-        attention, dropout_mask, channels_last, recompute, malloc, passes, json_path):
+        attention, dropout_mask, channels_last, recompute, fused_norm, malloc, passes, json_path):
     if malloc:
         speed.configure_malloc()
     if threads:
         torch.set_num_threads(threads)
     m = measure(teacher, divergence, batch, iters, warmup, repeats, device, reuse=reuse, amp=amp,
         compile=compile_ or False, fused=fused, tf32=tf32, attention=attention, dropout_mask=dropout_mask,
-        channels_last=channels_last, recompute=recompute, passes=passes)
+        channels_last='auto' if channels_last is None else channels_last, recompute=recompute,
+        fused_norm=fused_norm, passes=passes)
     print(report(m))
     if json_path:
         with open(json_path, 'a') as f:

@@ -19,7 +19,7 @@ DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, s
     data=None, # a dataset for the optional real-data terms (refine/divergences/adversarial.py)
     # Speed levers (refine/speed.py, training/networks_edm.py IMPLEMENTATION; docs/performance.md).
     reuse_samples=False, amp='auto', compile=False, fused_optim=True, tf32=True,
-    attention='auto', dropout_mask='uniform', channels_last=False, recompute=True)
+    attention='auto', dropout_mask='uniform', channels_last='auto', recompute=True, fused_norm=True)
 
 # Settings for Gaussian-mixture (vector) teachers: small MLPs learn at higher rates, and the
 # fake score needs several updates per generator update to keep up (tuned on ring8, see README);
@@ -129,7 +129,7 @@ def speed_options(o, teacher=None, G=None):
     (amp 'auto' becomes 'off' unless speed.amp_auto_applies to this teacher and generator)."""
     from training import networks_edm # pylint: disable=import-outside-toplevel
     networks_edm.set_implementation(attention=o.get('attention'), dropout=o.get('dropout_mask'),
-        channels_last=o.get('channels_last'), recompute=o.get('recompute'))
+        channels_last=o.get('channels_last'), recompute=o.get('recompute'), fused_norm=o.get('fused_norm'))
     levers = {key: o[key] for key in ('reuse_samples', 'amp', 'compile', 'fused_optim', 'tf32') if o.get(key) is not None}
     if levers.get('amp') == 'auto' and not speed.amp_auto_applies(teacher, G):
         levers['amp'] = 'off'

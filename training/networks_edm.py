@@ -25,16 +25,23 @@ from torch_utils import persistence
 #                  'matmul': NVlabs' explicit product and float32 softmax; 'auto': sdpa on
 #                  GPUs, matmul on CPUs.
 #   dropout        'uniform': keep where a 16-bit uniform draw >= p; 'bernoulli': F.dropout.
-#   channels_last  run the UNets in NHWC layout (oneDNN/cuDNN convolutions without reorders).
+#   channels_last  run the UNets in NHWC layout (oneDNN/cuDNN convolutions without reorders);
+#                  'auto': on CPUs where the fused_norm kernel runs (torch's own CPU GroupNorm
+#                  is slow in NHWC). The UNets' outputs are NCHW either way.
 #   recompute      GroupNorm-SiLU-(dropout-)convolution chains keep only their input for the
 #                  backward pass and recompute the rest there: the same kernels, so the same
 #                  values and gradients bit for bit, with ~half the activation memory.
+#   fused_norm     run those chains' GroupNorm, SiLU and dropout as one compiled CPU kernel
+#                  (torch_utils.ops.norm_act) that reads and writes the convolutions' dtype
+#                  (bfloat16 under autocast: no float32 copies in between); float32 rounding.
+#                  Where this file runs without that module (NVlabs code bases), torch's ops.
 # The defaults are the fastest on the CPUs and GPUs measured (docs/performance.md);
-# set_implementation(attention='matmul', dropout='bernoulli') computes exactly as NVlabs EDM.
+# set_implementation(attention='matmul', dropout='bernoulli', channels_last=False, fused_norm=False)
+# computes exactly as NVlabs EDM.
 
-IMPLEMENTATION = dict(attention='auto', dropout='uniform', channels_last=False, recompute=True)
-_CHOICES = dict(attention=('auto', 'sdpa', 'matmul'), dropout=('uniform', 'bernoulli'), channels_last=(False, True),
-    recompute=(True, False))
+IMPLEMENTATION = dict(attention='auto', dropout='uniform', channels_last='auto', recompute=True, fused_norm=True)
+_CHOICES = dict(attention=('auto', 'sdpa', 'matmul'), dropout=('uniform', 'bernoulli'), channels_last=('auto', False, True),
+    recompute=(True, False), fused_norm=(True, False))
 
 def set_implementation(**kwargs):
     """Change IMPLEMENTATION entries (None leaves one as it is); returns the previous settings."""
@@ -181,6 +188,17 @@ def dropout_keep_mask(shape, p, device):
     keep = words.view(torch.int16)[:n].view(shape) >= threshold - 32768
     return keep, threshold / 65536
 
+def _is_channels_last(x):
+    return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+def _keep_mask_like(x, p):
+    """dropout_keep_mask for x, drawn in x's memory order (so in x's layout)."""
+    if _is_channels_last(x):
+        N, C, H, W = x.shape
+        keep, rate = dropout_keep_mask([N, H, W, C], p, x.device)
+        return keep.permute(0, 3, 1, 2), rate
+    return dropout_keep_mask(x.shape, p, x.device)
+
 def apply_dropout(x, p, training):
     """torch.nn.functional.dropout ('bernoulli'), or ('uniform') the same with a mask from
     dropout_keep_mask: a few times cheaper to draw on CPUs, a different random stream."""
@@ -232,23 +250,87 @@ class _NormActConv(torch.autograd.Function):
                     gn_weight, N, C, HxW, num_groups, [need_x, need_gw, need_gb])
         return grad_x, grad_gw, grad_gb, grad_cw, None, None, None, None, None, None
 
+def _plain_conv(conv):
+    """A weighted 'same' convolution without resampling (one aten convolution)."""
+    return conv.weight is not None and not conv.up and not conv.down and conv.weight.shape[-1] % 2 == 1
+
 def _recomputable(norm, conv, x, dropout, training):
     if not (IMPLEMENTATION['recompute'] and torch.is_grad_enabled() and x.is_contiguous()):
         return False
     if not (x.requires_grad or norm.weight.requires_grad or conv.weight.requires_grad):
         return False # no graph to keep
-    if conv.weight is None or conv.up or conv.down or conv.weight.shape[-1] % 2 != 1:
+    if not _plain_conv(conv):
         return False
     if training and dropout and (IMPLEMENTATION['dropout'] != 'uniform' or round(dropout * 65536) >= 65536):
         return False # F.dropout's stream cannot be drawn apart from its output
     if not hasattr(torch.ops.aten, 'convolution_backward') or _autocast_enabled(x.device.type):
         return False
-    compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
-    return not (compiling is not None and compiling())
+    return not _compiling()
+
+_NORM_ACT_MODULE = []
+
+def _norm_act_module():
+    """torch_utils.ops.norm_act, or None where this file runs without it (NVlabs code bases)."""
+    if not _NORM_ACT_MODULE:
+        try:
+            from torch_utils.ops import norm_act as module # pylint: disable=import-outside-toplevel
+        except ImportError:
+            module = None
+        _NORM_ACT_MODULE.append(module)
+    return _NORM_ACT_MODULE[0]
+
+def _use_channels_last(x):
+    """IMPLEMENTATION['channels_last'] for a UNet input x ('auto' resolved)."""
+    choice = IMPLEMENTATION['channels_last']
+    if choice != 'auto':
+        return choice
+    if not IMPLEMENTATION['fused_norm'] or x.device.type != 'cpu' or _compiling():
+        return False
+    module = _norm_act_module()
+    return module is not None and module.plugin_ready()
+
+def _compiling():
+    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
+    return is_compiling is not None and is_compiling()
+
+def _compute_dtype(x):
+    if _autocast_enabled(x.device.type):
+        get = getattr(torch, 'get_autocast_dtype', None)
+        if get is not None:
+            return get(x.device.type)
+        return torch.get_autocast_cpu_dtype() if x.device.type == 'cpu' else torch.get_autocast_gpu_dtype()
+    return x.dtype
+
+def _fused_norm_kernel(x, dropout, training, dtype):
+    """The norm_act module if the chain's normalisation can run on its kernel, else None."""
+    if not IMPLEMENTATION['fused_norm'] or x.device.type != 'cpu':
+        return None
+    if training and dropout and (IMPLEMENTATION['dropout'] != 'uniform' or round(dropout * 65536) >= 65536):
+        return None # F.dropout's stream cannot be drawn apart from its output
+    module = _norm_act_module()
+    return module if module is not None and module.available(x, dtype) else None
 
 def norm_act_conv(norm, conv, x, act=True, dropout=None, training=False):
     """conv(dropout(silu(norm(x)))) (no silu unless act; no dropout call if dropout is None),
-    by _NormActConv where it applies (IMPLEMENTATION['recompute'])."""
+    by the fused kernel (IMPLEMENTATION['fused_norm']) or by _NormActConv
+    (IMPLEMENTATION['recompute']) where they apply."""
+    dtype = _compute_dtype(x)
+    kernel = _fused_norm_kernel(x, dropout, training, dtype)
+    if kernel is not None:
+        keep, scale = None, 1.0
+        if training and dropout:
+            keep, rate = _keep_mask_like(x, dropout)
+            scale = 1 / (1 - rate)
+        if not _plain_conv(conv):
+            return conv(kernel.norm_act(x, norm.weight, norm.bias, norm.num_groups, norm.eps, act, keep, scale, dtype))
+        # The bias goes into the convolution (its gradient is then the convolution's too).
+        w, padding = conv.weight.to(dtype), conv.weight.shape[-1] // 2
+        b = conv.bias.to(dtype) if conv.bias is not None else None
+        if IMPLEMENTATION['recompute']:
+            return kernel.norm_act_conv(x, norm.weight, norm.bias, w, b, norm.num_groups, norm.eps, act, keep, scale,
+                padding)
+        h = kernel.norm_act(x, norm.weight, norm.bias, norm.num_groups, norm.eps, act, keep, scale, dtype)
+        return torch.nn.functional.conv2d(h, w, b, padding=padding)
     if not _recomputable(norm, conv, x, dropout, training):
         h = norm(x)
         if act:
@@ -324,8 +406,10 @@ class UNetBlock(torch.nn.Module):
             heads = x.shape[0] * self.num_heads
             qkv = norm_act_conv(self.norm2, self.qkv, x, act=False)
             q, k, v = qkv.reshape(heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
-            a = attend(q, k, v)
-            x = self.proj(a.reshape(*x.shape)).add_(x)
+            a = attend(q, k, v).reshape(*x.shape)
+            if _is_channels_last(x):
+                a = a.contiguous(memory_format=torch.channels_last) # keep the layout past the attention
+            x = self.proj(a).add_(x)
             x = x * self.skip_scale
         return x
 
@@ -466,7 +550,8 @@ class SongUNet(torch.nn.Module):
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        if IMPLEMENTATION['channels_last']:
+        nhwc = _use_channels_last(x)
+        if nhwc:
             x = x.contiguous(memory_format=torch.channels_last) # convolutions follow their input
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape) # [cos, sin] -> [sin, cos]
@@ -494,20 +579,20 @@ class SongUNet(torch.nn.Module):
 
         # Decoder: 'aux' layers produce the output image, summed over resolutions if 'skip'.
         aux = None
-        tmp = None
+        tmp = norm = None
         for name, block in self.dec.items():
             if 'aux_up' in name:
                 aux = block(aux)
             elif 'aux_norm' in name:
-                tmp = block(x)
+                norm = block
             elif 'aux_conv' in name:
-                tmp = block(silu(tmp))
+                tmp = norm_act_conv(norm, block, x)
                 aux = tmp if aux is None else tmp + aux
             else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
-        return aux
+        return aux.contiguous() if nhwc else aux
 
 @persistence.persistent_class
 class DhariwalUNet(torch.nn.Module):
@@ -578,8 +663,9 @@ class DhariwalUNet(torch.nn.Module):
         self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        if IMPLEMENTATION['channels_last']:
-            x = x.contiguous(memory_format=torch.channels_last)
+        nhwc = _use_channels_last(x)
+        if nhwc:
+            x = x.contiguous(memory_format=torch.channels_last) # convolutions follow their input
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -598,7 +684,8 @@ class DhariwalUNet(torch.nn.Module):
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
-        return self.out_conv(silu(self.out_norm(x)))
+        x = norm_act_conv(self.out_norm, self.out_conv, x)
+        return x.contiguous() if nhwc else x
 
 _UNETS = dict(SongUNet=SongUNet, DhariwalUNet=DhariwalUNet)
 
