@@ -58,8 +58,9 @@ def tiny_run(divergence, workdir, teacher_pkl, **extra):
         # The fingerprint was made with VarDiU's MLP encoder, the only one then; image
         # generators now get a convolutional encoder by default (refine/divergences/vardiu.py).
         extra['div_opt'] = dict(encoder='mlp')
-    # The fingerprint predates sample reuse and bf16 autocast by default: the computation then.
-    extra = {'reuse_samples': False, 'amp': 'off', **extra}
+    # The fingerprint predates sample reuse, bf16 autocast, the fused norm kernel and NHWC
+    # layout by default: the computation then.
+    extra = {'reuse_samples': False, 'amp': 'off', 'fused_norm': False, 'channels_last': False, **extra}
     o = run.resolve_options(dict(teacher=teacher_pkl, gen='teacher', divergence=divergence, batch=4,
         lr=1e-3, glr=1e-3, kimg=0.012, tick=0.004, snap=3, seed=5, allow_pickle_code=False, **extra))
     torch.manual_seed(o.seed)
