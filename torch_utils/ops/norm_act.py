@@ -9,11 +9,10 @@ bf16 autocast the UNets' activations go from one convolution to the next with no
 copies in between; the arithmetic is float32 (float64 for float64 tensors, used by the
 gradient checks). Its backward pass takes x, the statistics and the mask only.
 
-`available(x)` says whether the kernel applies (a dense CPU tensor, NCHW or channels last, whose
-output keeps x's layout; a supported dtype, the
-plugin built, not inside torch.compile); callers fall back to torch's ops otherwise. The
-dropout mask is the caller's (a bool tensor of x's shape and strides), so the random stream is
-the caller's too.
+`available(x)` says whether the kernel applies (a dense CPU tensor, NCHW or channels last, in
+a supported dtype; the plugin built; not inside torch.compile); h keeps x's layout. Callers
+fall back to torch's ops otherwise. The dropout mask is the caller's (a bool tensor of x's
+shape and strides), so the random stream is the caller's too.
 """
 
 import torch
