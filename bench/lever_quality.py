@@ -7,6 +7,7 @@ the MNIST training set) of the final G_ema, with the time the run took. Run it o
   OMP_NUM_THREADS=1 python bench/lever_quality.py --kimg 4 --levers off     # today's computation
   OMP_NUM_THREADS=1 python bench/lever_quality.py --kimg 4 --levers default # refine.py's defaults
   OMP_NUM_THREADS=1 python bench/lever_quality.py --kimg 4 --levers default --amp nograd
+  OMP_NUM_THREADS=1 python bench/lever_quality.py --kimg 4 --levers default --no-fused-norm
 
 'off' is the computation before the levers (NVlabs attention and dropout stream, fake-score
 update first on its own generator samples, plain Adam and EMA); 'default' is refine/run.py's
@@ -36,15 +37,19 @@ OFF = dict(reuse_samples=False, amp='off', compile=False, fused_optim=False, att
 @click.option('--levers', 'preset', default='default', show_default=True, type=click.Choice(['off', 'default']))
 @click.option('--amp', default=None, help='Override the amp level (off, nograd, loss, all, auto)')
 @click.option('--reuse/--no-reuse', default=None, help='Override reuse_samples')
+@click.option('--fused-norm/--no-fused-norm', default=None, help='Override fused_norm (and with it NHWC, channels_last auto)')
 @click.option('--outdir', default='out/lever-quality', show_default=True)
 @click.option('--seed', default=0, show_default=True)
-def main(teacher, divergence, kimg, batch, preset, amp, reuse, outdir, seed):
+def main(teacher, divergence, kimg, batch, preset, amp, reuse, fused_norm, outdir, seed):
     levers = dict(OFF) if preset == 'off' else {k: run.DEFAULTS[k] for k in OFF}
     if amp is not None:
         levers['amp'] = amp
     if reuse is not None:
         levers['reuse_samples'] = reuse
-    name = preset + (f'-amp-{amp}' if amp else '') + ('' if reuse is None else f"-reuse-{'on' if reuse else 'off'}")
+    if fused_norm is not None:
+        levers['fused_norm'] = fused_norm
+    name = preset + (f'-amp-{amp}' if amp else '') + ('' if reuse is None else f"-reuse-{'on' if reuse else 'off'}") \
+        + ('' if fused_norm is None else f"-fused-norm-{'on' if fused_norm else 'off'}")
     run_dir = os.path.join(outdir, f'{divergence}-{name}' + (f'-seed{seed}' if seed else ''))
     os.makedirs(run_dir, exist_ok=True)
     o = run.resolve_options(dict(teacher=teacher, gen='teacher', divergence=divergence, batch=batch,

@@ -16,6 +16,7 @@ import pytest
 import dnnlib
 from dnnlib import util
 from dnnlib.util import DownloadError, EasyDict
+from tests.scripts import free_port
 
 # ---------------------------------------------------------------------------
 # EasyDict
@@ -180,12 +181,6 @@ def server(tmp_path, no_proxy):
     stop()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_http_download_is_cached_and_reused_offline(server, tmp_path):
     base, stop = server
     cache = tmp_path / "cache"
@@ -235,7 +230,7 @@ def test_http_404_raises_one_line_download_error_quickly(server, tmp_path):
 
 
 def test_closed_port_raises_download_error(no_proxy, tmp_path, capsys):
-    url = f"http://127.0.0.1:{_free_port()}/x.pkl"
+    url = f"http://127.0.0.1:{free_port()}/x.pkl"
     with pytest.raises(DownloadError, match="connection refused") as info:
         util.open_url(url, cache_dir=str(tmp_path / "c"), num_attempts=2)
     assert url in str(info.value) and "\n" not in str(info.value)

@@ -5,7 +5,6 @@ losses against the formulas, nothing changed without --data, exact resume and to
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import zipfile
@@ -20,7 +19,7 @@ from click.testing import CliRunner
 from refine import noise, teachers
 from refine.divergences import adversarial, make_divergence
 from tests import real_data_golden as golden
-from tests.scripts import load_script
+from tests.scripts import free_port, load_script
 from torch_utils.rng import StreamRandom
 from training import networks_edm, networks_mlp
 
@@ -232,10 +231,6 @@ def test_resume_with_data_is_exact(ws, tmp_path, divergence, opts):
     options = json.load(open(os.path.join(run_a, 'options.json')))
     assert options['data'] == ws['data']
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 def test_two_processes_equal_one_with_the_same_split(ws, tmp_path):
     args = ['--teacher', ws['teacher'], '--data', ws['data'], '--divergence', 'sida', '--kimg', '0.016',
@@ -245,7 +240,7 @@ def test_two_processes_equal_one_with_the_same_split(ws, tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-        f'--master_port={_free_port()}', 'refine.py', '--outdir', str(tmp_path / 'two'), *args],
+        f'--master_port={free_port()}', 'refine.py', '--outdir', str(tmp_path / 'two'), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert 'over 2 process(es), 1 round(s) of 4' in two.stdout and '2 round(s) of 4' in one.stdout

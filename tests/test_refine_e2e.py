@@ -4,7 +4,6 @@ on its snapshot, and torchrun with 2 processes giving the same generator as 1.""
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from click.testing import CliRunner
 import generate
 from torch_utils import persistence, safe_pickle
 from training import networks_edm, networks_generators
-from tests.scripts import load_script
+from tests.scripts import free_port, load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,10 +33,6 @@ def teacher_pkl(tmp_path_factory):
     persistence.save_network_pkl(dict(ema=net.eval().requires_grad_(False)), path)
     return str(path)
 
-def _free_port():
-    with socket.socket() as sock: # a fixed port collides with any other torchrun on the machine
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 def _refine(args):
     result = CliRunner().invoke(_load_cli().main, args, catch_exceptions=False)
@@ -131,7 +126,7 @@ def test_torchrun_two_processes_match_one(teacher_pkl, tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-        f'--master_port={_free_port()}', 'refine.py', '--outdir', str(tmp_path / 'two'), *args],
+        f'--master_port={free_port()}', 'refine.py', '--outdir', str(tmp_path / 'two'), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert 'over 2 process(es)' in two.stdout

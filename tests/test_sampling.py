@@ -4,7 +4,6 @@ training-statistics helpers that generate.py and the refine loop share."""
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import PIL.Image
@@ -15,6 +14,7 @@ from refine.plots import CURVE_COLOURS, save_curve_png, save_scatter_png
 from torch_utils.images import save_image_grid, save_side_by_side, to_uint8
 from torch_utils.rng import StackedRandomGenerator
 from training.sampler import edm_sampler, karras_sigmas
+from tests.scripts import free_port
 from torch_utils import distributed, training_stats
 
 class GaussianDenoiser(torch.nn.Module):
@@ -264,10 +264,6 @@ def test_distributed_single_process_no_ops(monkeypatch):
     distributed.barrier()
     distributed.shutdown()
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 def _two_rank_worker(rank, port, out_dir):
     torch.set_num_threads(1)
@@ -291,7 +287,7 @@ def _two_rank_worker(rank, port, out_dir):
     distributed.shutdown()
 
 def test_distributed_two_gloo_processes(tmp_path):
-    torch.multiprocessing.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f'{r}.json').read_text()) for r in range(2)]
     for res in results:
         assert res['stats']['shared'] == dict(num=3, mean=pytest.approx(2 / 3), std=pytest.approx(np.std([0, 1, 1])))

@@ -31,6 +31,7 @@ from refine.loop import refinement_loop # pylint: disable=wrong-import-position
 from torch_utils import safe_pickle # pylint: disable=wrong-import-position
 from torch_utils.rng import StreamRandom, derive_seed # pylint: disable=wrong-import-position
 from training import networks_edm as N # pylint: disable=wrong-import-position
+from tests.scripts import free_port # pylint: disable=wrong-import-position
 
 @pytest.fixture(autouse=True)
 def restore_implementation():
@@ -260,7 +261,7 @@ def test_compiled_run_writes_the_same_snapshot(tmp_path):
 
 def test_torchrun_two_processes_match_one_with_the_levers_on(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
         os.path.abspath(__file__), str(tmp_path / 'two')], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     _loop(tmp_path / 'one', 0.024, batch_gpu=4, lr=1e-5) # the same parts as 2 x 4
