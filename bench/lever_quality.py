@@ -38,18 +38,20 @@ OFF = dict(reuse_samples=False, amp='off', compile=False, fused_optim=False, att
 @click.option('--amp', default=None, help='Override the amp level (off, nograd, loss, all, auto)')
 @click.option('--reuse/--no-reuse', default=None, help='Override reuse_samples')
 @click.option('--fused-norm/--no-fused-norm', default=None, help='Override fused_norm (and with it NHWC, channels_last auto)')
+@click.option('--channels-last', default=None, type=click.Choice(['auto', 'on', 'off']), help='Override channels_last')
 @click.option('--outdir', default='out/lever-quality', show_default=True)
 @click.option('--seed', default=0, show_default=True)
-def main(teacher, divergence, kimg, batch, preset, amp, reuse, fused_norm, outdir, seed):
+def main(teacher, divergence, kimg, batch, preset, amp, reuse, fused_norm, channels_last, outdir, seed):
     levers = dict(OFF) if preset == 'off' else {k: run.DEFAULTS[k] for k in OFF}
-    if amp is not None:
-        levers['amp'] = amp
-    if reuse is not None:
-        levers['reuse_samples'] = reuse
-    if fused_norm is not None:
-        levers['fused_norm'] = fused_norm
-    name = preset + (f'-amp-{amp}' if amp else '') + ('' if reuse is None else f"-reuse-{'on' if reuse else 'off'}") \
-        + ('' if fused_norm is None else f"-fused-norm-{'on' if fused_norm else 'off'}")
+    overrides = dict(amp=amp, reuse=reuse, fused_norm=fused_norm, channels_last=channels_last)
+    name = preset
+    for key, value in overrides.items():
+        if value is not None:
+            name += f"-{key.replace('_', '-')}-" + ({True: 'on', False: 'off'}.get(value, value))
+    overrides['reuse_samples'] = overrides.pop('reuse')
+    if channels_last is not None:
+        overrides['channels_last'] = {'auto': 'auto', 'on': True, 'off': False}[channels_last]
+    levers.update({k: v for k, v in overrides.items() if v is not None})
     run_dir = os.path.join(outdir, f'{divergence}-{name}' + (f'-seed{seed}' if seed else ''))
     os.makedirs(run_dir, exist_ok=True)
     o = run.resolve_options(dict(teacher=teacher, gen='teacher', divergence=divergence, batch=batch,
