@@ -71,6 +71,15 @@ inline A sigmoid(A v) {
   return A(1) / (A(1) + exp_vec(-v));
 }
 
+// The forward element after the affine normalisation: SiLU, then the dropout multiply
+// (keep is 0 or 1; a multiply rather than a select, so the loop vectorises).
+template <typename A, bool ACT, bool DROP>
+inline A act_drop(A v, uint8_t keep, A scale) {
+  if (ACT) v = v * sigmoid(v);
+  if (DROP) v = v * (A(keep) * scale);
+  return v;
+}
+
 struct Shape {
   int64_t N, C, HW, G;
   int64_t cpg() const { return C / G; }
@@ -132,10 +141,7 @@ void forward(TO* __restrict__ out, A* __restrict__ mean_out, A* __restrict__ rst
         const uint8_t* __restrict__ kp = DROP ? keep + off : nullptr;
 #pragma omp simd
         for (int64_t i = 0; i < HW; i++) {
-          A v = load(xi, i) * ca + cb;
-          if (ACT) v = v * sigmoid(v);
-          if (DROP) v = v * (A(kp[i]) * scale);
-          store(o, i, v);
+          store(o, i, act_drop<A, ACT, DROP>(load(xi, i) * ca + cb, DROP ? kp[i] : 1, scale));
         }
       }
     }
@@ -261,10 +267,7 @@ void forward_nhwc(TO* __restrict__ out, A* __restrict__ mean_out, A* __restrict_
         const uint8_t* __restrict__ kp = DROP ? keep + off : nullptr;
 #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
-          A v = load(xp, c) * pa[c] + pb[c];
-          if (ACT) v = v * sigmoid(v);
-          if (DROP) v = v * (A(kp[c]) * scale);
-          store(o, c, v);
+          store(o, c, act_drop<A, ACT, DROP>(load(xp, c) * pa[c] + pb[c], DROP ? kp[c] : 1, scale));
         }
       }
     }
