@@ -254,6 +254,11 @@ def _plain_conv(conv):
     """A weighted 'same' convolution without resampling (one aten convolution)."""
     return conv.weight is not None and not conv.up and not conv.down and conv.weight.shape[-1] % 2 == 1
 
+def _mask_drawn_apart(dropout, training):
+    """Whether the chain's dropout mask (if any) can be drawn apart from its output: F.dropout's
+    stream cannot, the 'uniform' mask can (unless p rounds to 1)."""
+    return not (training and dropout) or (IMPLEMENTATION['dropout'] == 'uniform' and round(dropout * 65536) < 65536)
+
 def _recomputable(norm, conv, x, dropout, training):
     if not (IMPLEMENTATION['recompute'] and torch.is_grad_enabled() and x.is_contiguous()):
         return False
@@ -261,8 +266,8 @@ def _recomputable(norm, conv, x, dropout, training):
         return False # no graph to keep
     if not _plain_conv(conv):
         return False
-    if training and dropout and (IMPLEMENTATION['dropout'] != 'uniform' or round(dropout * 65536) >= 65536):
-        return False # F.dropout's stream cannot be drawn apart from its output
+    if not _mask_drawn_apart(dropout, training):
+        return False
     if not hasattr(torch.ops.aten, 'convolution_backward') or _autocast_enabled(x.device.type):
         return False
     return not _compiling()
@@ -305,8 +310,8 @@ def _fused_norm_kernel(x, dropout, training, dtype):
     """The norm_act module if the chain's normalisation can run on its kernel, else None."""
     if not IMPLEMENTATION['fused_norm'] or x.device.type != 'cpu':
         return None
-    if training and dropout and (IMPLEMENTATION['dropout'] != 'uniform' or round(dropout * 65536) >= 65536):
-        return None # F.dropout's stream cannot be drawn apart from its output
+    if not _mask_drawn_apart(dropout, training):
+        return None
     module = _norm_act_module()
     return module if module is not None and module.available(x, dtype) else None
 
