@@ -2,7 +2,9 @@
 convolution whose input is recomputed in the backward pass instead of kept.
 
     h = drop(silu(group_norm(x, num_groups, weight, bias, eps)))    (silu only if act)
-    drop(v) = where(keep, v * scale, 0)                             (keep=None: no dropout)
+    drop(v) = v * (keep * scale)                                    (keep=None: no dropout)
+
+(the multiply equals where(keep, v * scale, 0) for finite v; a dropped inf or NaN gives NaN)
 
 The kernel reads x in its dtype (float32 or bfloat16) and writes h in `out_dtype`, so under
 bf16 autocast the UNets' activations go from one convolution to the next with no float32
