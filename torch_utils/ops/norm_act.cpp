@@ -365,6 +365,25 @@ void by_dtypes(int in_dtype, int out_dtype, F&& f) {
   throw std::invalid_argument("norm_act: unsupported dtypes (float32/bfloat16 in and out, or float64)");
 }
 
+// One instantiation of the kernels: input, output and arithmetic types, SiLU, dropout.
+template <typename TI_, typename TO_, typename A_, bool ACT_, bool DROP_>
+struct Config {
+  using TI = TI_;
+  using TO = TO_;
+  using A = A_;
+  static constexpr bool ACT = ACT_, DROP = DROP_;
+};
+
+// f(Config<...>()) for the dtypes and flags of a call.
+template <typename F>
+void dispatch(int in_dtype, int out_dtype, bool act, bool drop, F&& f) {
+  by_dtypes(in_dtype, out_dtype, [&](auto ti, auto to, auto ta) {
+    by_flags(act, drop, [&](auto act_tag, auto drop_tag) {
+      f(Config<decltype(ti), decltype(to), decltype(ta), decltype(act_tag)::value, decltype(drop_tag)::value>());
+    });
+  });
+}
+
 Shape parse_shape(long long N, long long C, long long HW, long long G) {
   if (N < 1 || C < 1 || HW < 1 || G < 1 || C % G != 0) throw std::invalid_argument("norm_act: bad shape");
   return Shape{N, C, HW, G};
@@ -383,17 +402,15 @@ PyObject* norm_act_forward(PyObject*, PyObject* args) {
     return nullptr;
   PLUGIN_CALL({
     const Shape s = parse_shape(N, C, HW, G);
-    by_dtypes(in_dtype, out_dtype, [&](auto ti, auto to, auto ta) {
-      using TI = decltype(ti);
-      using TO = decltype(to);
-      using A = decltype(ta);
+    dispatch(in_dtype, out_dtype, act != 0, keep != 0, [&](auto config) {
+      using K = decltype(config);
+      using TI = typename K::TI;
+      using TO = typename K::TO;
+      using A = typename K::A;
       using plugin::ptr;
-      by_flags(act != 0, keep != 0, [&](auto act_tag, auto drop_tag) {
-        constexpr bool ACT = decltype(act_tag)::value, DROP = decltype(drop_tag)::value;
-        auto run = channels_last ? forward_nhwc<TI, TO, A, ACT, DROP> : forward<TI, TO, A, ACT, DROP>;
-        run(ptr<TO>(out), ptr<A>(mean), ptr<A>(rstd), ptr<const TI>(x), ptr<const A>(w), ptr<const A>(b),
-            ptr<const uint8_t>(keep), s, eps, A(scale), given_stats != 0);
-      });
+      auto run = channels_last ? forward_nhwc<TI, TO, A, K::ACT, K::DROP> : forward<TI, TO, A, K::ACT, K::DROP>;
+      run(ptr<TO>(out), ptr<A>(mean), ptr<A>(rstd), ptr<const TI>(x), ptr<const A>(w), ptr<const A>(b),
+          ptr<const uint8_t>(keep), s, eps, A(scale), given_stats != 0);
     });
   });
 }
@@ -410,18 +427,16 @@ PyObject* norm_act_backward(PyObject*, PyObject* args) {
     return nullptr;
   PLUGIN_CALL({
     const Shape s = parse_shape(N, C, HW, G);
-    by_dtypes(in_dtype, out_dtype, [&](auto ti, auto to, auto ta) {
-      using TI = decltype(ti);
-      using TO = decltype(to);
-      using A = decltype(ta);
+    dispatch(in_dtype, out_dtype, act != 0, keep != 0, [&](auto config) {
+      using K = decltype(config);
+      using TI = typename K::TI;
+      using TO = typename K::TO;
+      using A = typename K::A;
       using plugin::ptr;
-      by_flags(act != 0, keep != 0, [&](auto act_tag, auto drop_tag) {
-        constexpr bool ACT = decltype(act_tag)::value, DROP = decltype(drop_tag)::value;
-        auto run = channels_last ? backward_nhwc<TI, TO, A, ACT, DROP> : backward<TI, TO, A, ACT, DROP>;
-        run(ptr<TI>(grad_x), ptr<double>(grad_w), ptr<double>(grad_b), ptr<const TO>(dy), ptr<const TI>(x),
-            ptr<const A>(mean), ptr<const A>(rstd), ptr<const A>(w), ptr<const A>(b), ptr<const uint8_t>(keep), s,
-            A(scale));
-      });
+      auto run = channels_last ? backward_nhwc<TI, TO, A, K::ACT, K::DROP> : backward<TI, TO, A, K::ACT, K::DROP>;
+      run(ptr<TI>(grad_x), ptr<double>(grad_w), ptr<double>(grad_b), ptr<const TO>(dy), ptr<const TI>(x),
+          ptr<const A>(mean), ptr<const A>(rstd), ptr<const A>(w), ptr<const A>(b), ptr<const uint8_t>(keep), s,
+          A(scale));
     });
   });
 }
