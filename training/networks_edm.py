@@ -191,6 +191,11 @@ def dropout_keep_mask(shape, p, device):
 def _is_channels_last(x):
     return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
+def _in_layout(x, nhwc):
+    """x in NHWC if nhwc. The first convolution's output needs it when the image has one channel:
+    a [N, 1, H, W] input is NCHW and NHWC at once, and the convolution then writes NCHW."""
+    return x.contiguous(memory_format=torch.channels_last) if nhwc and not _is_channels_last(x) else x
+
 def _keep_mask_like(x, p):
     """dropout_keep_mask for x, drawn in x's memory order (so in x's layout)."""
     if _is_channels_last(x):
@@ -579,7 +584,7 @@ class SongUNet(torch.nn.Module):
             elif 'aux_residual' in name:
                 x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
             else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                x = block(x, emb) if isinstance(block, UNetBlock) else _in_layout(block(x), nhwc)
                 skips.append(x)
 
         # Decoder: 'aux' layers produce the output image, summed over resolutions if 'skip'.
@@ -683,7 +688,7 @@ class DhariwalUNet(torch.nn.Module):
 
         skips = []
         for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            x = block(x, emb) if isinstance(block, UNetBlock) else _in_layout(block(x), nhwc)
             skips.append(x)
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
