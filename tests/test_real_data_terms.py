@@ -231,7 +231,6 @@ def test_resume_with_data_is_exact(ws, tmp_path, divergence, opts):
     options = json.load(open(os.path.join(run_a, 'options.json')))
     assert options['data'] == ws['data']
 
-
 def test_two_processes_equal_one_with_the_same_split(ws, tmp_path):
     args = ['--teacher', ws['teacher'], '--data', ws['data'], '--divergence', 'sida', '--kimg', '0.016',
         '--gen', 'teacher', '--batch', '8', '--lr', '1e-3', '--glr', '1e-3', '--tick', '0.008', '--snap', '2', '--seed', '4']

@@ -33,7 +33,6 @@ def teacher_pkl(tmp_path_factory):
     persistence.save_network_pkl(dict(ema=net.eval().requires_grad_(False)), path)
     return str(path)
 
-
 def _refine(args):
     result = CliRunner().invoke(_load_cli().main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -264,7 +264,6 @@ def test_distributed_single_process_no_ops(monkeypatch):
     distributed.barrier()
     distributed.shutdown()
 
-
 def _two_rank_worker(rank, port, out_dir):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank),
