@@ -185,13 +185,15 @@ def test_training_mode_nchw_kernel_matches_torch_ops_with_the_same_dropout_masks
         assert (a - b).abs().max() <= 2e-5 * b.abs().max()
 
 
+@pytest.mark.parametrize('model_type', ['SongUNet', 'DhariwalUNet'])
 @pytest.mark.parametrize('channels', [1, 3])
-def test_auto_layout_runs_every_songunet_block_in_nhwc_even_for_one_channel_images(channels):
-    """A [N, 1, H, W] image is NCHW and NHWC at once; the blocks must still see NHWC tensors.
-    (DhariwalUNet's adaptive-scale blocks still return NCHW: not yet covered.)"""
+def test_auto_layout_runs_every_block_in_nhwc_even_for_one_channel_images(model_type, channels):
+    """A [N, 1, H, W] image is NCHW and NHWC at once, and broadcast operands ([N, C, 1, 1]) or a
+    mask drawn NCHW would turn the result NCHW: every block must still see NHWC tensors."""
     torch.manual_seed(0)
-    net = N.EDMPrecond(img_resolution=8, img_channels=channels, model_type='SongUNet', model_channels=16,
-        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.2).train()
+    net = N.EDMPrecond(img_resolution=8, img_channels=channels, model_type=model_type,
+        model_channels=64 if model_type == 'DhariwalUNet' else 16, channel_mult=[1, 2], num_blocks=1,
+        attn_resolutions=[4], dropout=0.2).train()
     layouts = []
     hooks = [m.register_forward_pre_hook(lambda _m, args: layouts.append(N._is_channels_last(args[0])))
         for m in net.modules() if isinstance(m, N.UNetBlock)]

@@ -209,7 +209,7 @@ def apply_dropout(x, p, training):
     dropout_keep_mask: a few times cheaper to draw on CPUs, a different random stream."""
     if IMPLEMENTATION['dropout'] != 'uniform' or not training or p == 0 or p == 1:
         return torch.nn.functional.dropout(x, p=p, training=training)
-    keep, rate = dropout_keep_mask(x.shape, p, x.device)
+    keep, rate = _keep_mask_like(x, p)
     if rate >= 1:
         return x * 0
     return torch.where(keep, x * (1 / (1 - rate)), 0)
@@ -405,7 +405,8 @@ class UNetBlock(torch.nn.Module):
         params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(chunks=2, dim=1)
-            x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+            # addcmul's output takes shift's layout ([N, C, 1, 1]: NCHW); keep x's.
+            x = silu(_in_layout(torch.addcmul(shift, self.norm1(x), scale + 1), _is_channels_last(x)))
             x = self.conv1(apply_dropout(x, p=self.dropout, training=self.training))
         else:
             x = norm_act_conv(self.norm1, self.conv1, x.add_(params), dropout=self.dropout, training=self.training)
