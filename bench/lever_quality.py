@@ -43,15 +43,12 @@ OFF = dict(reuse_samples=False, amp='off', compile=False, fused_optim=False, att
 @click.option('--seed', default=0, show_default=True)
 def main(teacher, divergence, kimg, batch, preset, amp, reuse, fused_norm, channels_last, outdir, seed):
     levers = dict(OFF) if preset == 'off' else {k: run.DEFAULTS[k] for k in OFF}
-    overrides = dict(amp=amp, reuse=reuse, fused_norm=fused_norm, channels_last=channels_last)
-    name = preset
-    for key, value in overrides.items():
-        if value is not None:
-            name += f"-{key.replace('_', '-')}-" + ({True: 'on', False: 'off'}.get(value, value))
-    overrides['reuse_samples'] = overrides.pop('reuse')
-    if channels_last is not None:
-        overrides['channels_last'] = {'auto': 'auto', 'on': True, 'off': False}[channels_last]
-    levers.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = dict(amp=amp, reuse_samples=reuse, fused_norm=fused_norm,
+        channels_last={None: None, 'auto': 'auto', 'on': True, 'off': False}[channels_last])
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    levers.update(overrides)
+    name = preset + ''.join(f"-{k.replace('_', '-')}-" + ({True: 'on', False: 'off'}.get(v, v))
+        for k, v in overrides.items())
     run_dir = os.path.join(outdir, f'{divergence}-{name}' + (f'-seed{seed}' if seed else ''))
     os.makedirs(run_dir, exist_ok=True)
     o = run.resolve_options(dict(teacher=teacher, gen='teacher', divergence=divergence, batch=batch,

@@ -192,8 +192,9 @@ def _is_channels_last(x):
     return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 def _in_layout(x, nhwc):
-    """x in NHWC if nhwc. The first convolution's output needs it when the image has one channel:
-    a [N, 1, H, W] input is NCHW and NHWC at once, and the convolution then writes NCHW."""
+    """x in NHWC if nhwc: where an op's output takes another layout than the UNet's (the first
+    convolution of a one-channel image, whose [N, 1, H, W] input is NCHW and NHWC at once;
+    addcmul with an [N, C, 1, 1] first operand)."""
     return x.contiguous(memory_format=torch.channels_last) if nhwc and not _is_channels_last(x) else x
 
 def _keep_mask_like(x, p):
