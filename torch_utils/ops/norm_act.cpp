@@ -121,6 +121,7 @@ void forward(TO* __restrict__ out, A* __restrict__ mean_out, A* __restrict__ rst
              double eps, A scale, bool given_stats) {
   const int64_t blocks = s.N * s.G, cpg = s.cpg(), HW = s.HW, m = s.block();
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const plugin::FlushDenormals flush;
     for (int64_t blk = begin; blk < end; blk++) {
       const int64_t base = blk * m;
       A mu, rs;
@@ -158,6 +159,7 @@ void backward(TI* __restrict__ grad_x, double* __restrict__ grad_w, double* __re
   const int64_t blocks = s.N * s.G, cpg = s.cpg(), HW = s.HW, m = s.block();
   std::vector<double> sum_g(s.N * s.C), sum_gx(s.N * s.C);  // Per (sample, channel).
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const plugin::FlushDenormals flush;
     std::vector<A> scratch(m);  // dL/d(normalised x) / w, for the whole block.
     A* __restrict__ g = scratch.data();
     for (int64_t blk = begin; blk < end; blk++) {
@@ -246,6 +248,7 @@ void forward_nhwc(TO* __restrict__ out, A* __restrict__ mean_out, A* __restrict_
                   double eps, A scale, bool given_stats) {
   const int64_t C = s.C, G = s.G, cpg = s.cpg(), sample = C * s.HW;
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    const plugin::FlushDenormals flush;
     std::vector<double> acc(C), dmean(G), drstd(G);
     std::vector<A> ca(C), cb(C);
     for (int64_t n = begin; n < end; n++) {
@@ -282,6 +285,7 @@ void backward_nhwc(TI* __restrict__ grad_x, double* __restrict__ grad_w, double*
   const int64_t C = s.C, G = s.G, cpg = s.cpg(), m = s.block(), sample = C * s.HW;
   std::vector<double> sum_g(s.N * C), sum_gx(s.N * C);
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    const plugin::FlushDenormals flush;
     std::vector<A> scratch(sample), ca(C), cb(C), mu_c(C), rs_c(C), sg(C), sgx(C), m1_c(C), m2_c(C);
     A* __restrict__ g = scratch.data();
     for (int64_t n = begin; n < end; n++) {

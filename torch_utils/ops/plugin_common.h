@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#if defined(__x86_64__) || defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace plugin {
 
@@ -15,6 +18,22 @@ enum DType { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 // Floor division and modulo for a positive divisor (C++ truncates towards zero).
 inline int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t floormod(int64_t a, int64_t b) { return a - floordiv(a, b) * b; }
+
+// Flush denormal inputs and results to zero on this thread while a kernel's loop runs: Intel
+// cores take a microcode assist of ~150 cycles per vector holding a denormal, and vectorised
+// code can make them in lanes whose results it then discards (the clamped branch of a
+// sigmoid: v * 1.6e-38), which made the GroupNorm-SiLU kernel 8x slower there. Only values
+// below 1.2e-38 change (to 0). Declare one at the top of each parallel_for body.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(__SSE__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }  // FTZ | DAZ
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
 
 template <typename P>
 inline P* ptr(unsigned long long address) { return reinterpret_cast<P*>(static_cast<uintptr_t>(address)); }
