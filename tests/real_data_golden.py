@@ -72,8 +72,18 @@ def tiny_run(divergence, workdir, teacher_pkl, **extra):
     state = torch.load(os.path.join(run_dir, states[-1]), weights_only=True)
     return {key: digest_state(value) for key, value in sorted(state.items())}
 
+def cpu_vendor():
+    # Intel's and AMD's cores run different oneDNN kernels at the same capability level, so their
+    # float32 bits differ: a build's digests hold for one vendor.
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('vendor_id')), platform.processor())
+    except OSError:
+        return platform.processor()
+
 def environment():
-    return dict(torch=torch.__version__, machine=platform.machine(), cpu=torch.backends.cpu.get_cpu_capability())
+    return dict(torch=torch.__version__, machine=platform.machine(), cpu=torch.backends.cpu.get_cpu_capability(),
+        vendor=cpu_vendor())
 
 def saved_runs():
     """(environment, runs) of every build GOLDEN holds."""
