@@ -126,7 +126,6 @@ def test_results_do_not_depend_on_the_thread_count():
     assert all(torch.equal(a, b_) for a, b_ in zip(*runs))
 
 
-
 def test_denormals_are_flushed_inside_the_kernel_only():
     # The kernel flushes denormals (they cost a microcode assist per vector on Intel cores), so a
     # SiLU of 1e-39 gives 0 there; the caller's floating-point state must be left as it was.
@@ -136,6 +135,7 @@ def test_denormals_are_flushed_inside_the_kernel_only():
     h = na.norm_act(x, torch.zeros(2), torch.full([2], 1e-39), 1, 1e-5, False, None, 1.0)
     assert torch.equal(h, torch.zeros_like(h))
     assert (tiny * 1.0).item() != 0 and torch.tensor([2e-39]).div(2).item() != 0  # torch's ops still keep them
+
 
 def test_available_only_for_dense_cpu_inputs_of_supported_dtypes():
     x = torch.randn(2, 8, 4, 4)
