@@ -59,6 +59,20 @@ def parse_compile(value):
         raise click.BadParameter(f"'{value}' is not off, on or a backend name", param_hint='--compile')
     return lowered
 
+class LrSteps(click.ParamType):
+    """--lr-steps: checked by train_utils.parse_lr_steps, kept as the text the user wrote."""
+    name = 'lr_steps'
+    def convert(self, value, param, ctx):
+        try:
+            train_utils.parse_lr_steps(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return value
+
+# What `--resume RUN` may change: the length, and learning-rate steps (a step at or after the
+# resumed kimg leaves the run identical to one that had it from the start). Saved with the run.
+RESUME_OVERRIDES = ('kimg', 'lr_steps')
+
 def saved_options(run_dir, ctx):
     """The options of the run in `run_dir` (its options.json), each checked as the command line
     would check it: a hostile or damaged file is refused with one line, never acted on."""
@@ -110,6 +124,7 @@ def saved_options(run_dir, ctx):
 @click.option('--batch-gpu',    help='Images per process per accumulation round  [default: the whole per-process batch]', type=click.IntRange(min=1), default=None)
 @click.option('--lr',           help=f"Fake-score learning rate  {_default('lr')}", type=cli.positive_float(), default=None)
 @click.option('--glr',          help=f"Generator learning rate  {_default('glr')}", type=cli.positive_float(), default=None)
+@click.option('--lr-steps',     help='Learning-rate steps: from each KIMG on, every learning rate is FACTOR x its own, e.g. 30:0.2  [default: none]', metavar='KIMG:FACTOR,...', type=LrSteps(), default=None)
 @click.option('--sigma-init',   help='Noise level of the one-step generator  [default: the divergence\'s: di 1, sid/sim 2.5, dmd 80]', type=cli.positive_float(), default=None)
 @click.option('--truncation',   help='StyleGAN --gen: truncation psi [default: 1]', type=cli.FiniteFloat(), default=None)
 @click.option('--noise-mode',   help='StyleGAN --gen: per-layer noise [default: random]', type=click.Choice(['random', 'const', 'none']), default=None)
@@ -146,7 +161,7 @@ def main(**opts):
     speed.configure_malloc() # the allocator settings the Makefile exports, for any launcher
     distributed.init()
     ctx = click.get_current_context()
-    resume_state = None
+    resume_state, overridden = None, []
     if 'help' in opts['div_opt']:
         name = opts['divergence'] or run.DEFAULTS['divergence']
         divergence_class(name)
@@ -159,8 +174,15 @@ def main(**opts):
             raise click.BadParameter(cli.one_line(e), param_hint='--resume') from None
         run_dir = os.path.dirname(os.path.abspath(resume_state))
         saved = saved_options(run_dir, ctx)
-        if opts['kimg'] is not None:
-            saved['kimg'] = opts['kimg']
+        overridden = [key for key in RESUME_OVERRIDES if opts[key] is not None]
+        for key in overridden:
+            saved[key] = opts[key]
+        ignored = [f"--{name.replace('_', '-')}" for name in opts
+            if name not in RESUME_OVERRIDES + run.INVOCATION_OPTIONS
+            and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if ignored:
+            distributed.print0(f"Warning: {', '.join(ignored)} ignored with --resume: the run keeps its options.json "
+                f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} may change)")
         opts = dict(saved, resume=opts['resume'], dry_run=opts['dry_run'], max_minutes=opts['max_minutes'],
             allow_pickle_code=opts['allow_pickle_code'])
     else:
@@ -186,6 +208,8 @@ def main(**opts):
     if o.dry_run:
         return
 
+    if overridden and distributed.is_main():
+        run.save_options(run_dir, o) # a later --resume continues with them
     if resume_state is None:
         desc = f"{o.divergence}-{re.sub(r'[^A-Za-z0-9]+', '_', os.path.basename(o.teacher))[:40]}-gen_{os.path.basename(o.gen)[:20]}"
         run_dir = run.make_run_dir(o, desc) if distributed.is_main() else None

@@ -46,6 +46,7 @@ def refinement_loop(
     batch_gpu           = None,     # Images per process per accumulation round; None = no rounds.
     g_lr                = 1e-5,     # Generator learning rate.
     f_lr                = 1e-5,     # Fake-score learning rate.
+    lr_steps            = (),       # ((kimg, factor), ...): from each kimg on, every learning rate is factor x its own.
     betas               = (0.0, 0.999), # Adam betas of both optimizers.
     ema_halflife_kimg   = 0.5,      # Half-life of the generator EMA.
     ema_rampup          = 0.05,     # EMA ramp-up: half-life <= this fraction of images seen; None = off.
@@ -121,6 +122,16 @@ def refinement_loop(
     def x_group(phase):
         return [x_groups[phase]] if phase in x_groups else []
     uses_latents = getattr(divergence, 'uses_latents', False)
+    # Every rate is set from the options at each iteration (not kept from a resumed optimizer
+    # state), so a resumed run follows the schedule its options.json names.
+    optimizers = [g_opt, f_opt, *x_opts]
+    base_lrs = [[group['lr'] for group in opt.param_groups] for opt in optimizers]
+    def set_learning_rates(nimg):
+        factor = train_utils.lr_factor(lr_steps, nimg)
+        for opt, lrs in zip(optimizers, base_lrs):
+            for group, lr in zip(opt.param_groups, lrs):
+                group['lr'] = lr * factor
+        return factor
 
     cur_nimg, cur_tick = 0, 0
     if resume_state is not None:
@@ -179,6 +190,7 @@ def refinement_loop(
         + (f', bf16 autocast ({levers.amp})' if levers.amp != 'off' else ''))
 
     while not done:
+        lr_factor = set_learning_rates(cur_nimg)
         if hasattr(divergence, 'set_progress'):
             divergence.set_progress(cur_nimg)
         # The generator update waits until the fake score has warmed up on the generator's
@@ -268,7 +280,7 @@ def refinement_loop(
             sec_per_kimg=(now - tick_start_time) / max(tick_kimg, 1e-8),
             maxrss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             peak_gpu_gb=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == 'cuda' else 0.0,
-            **summary)
+            lr_factor=lr_factor, **summary)
         say(' '.join([f"tick {cur_tick:<4d} kimg {record['kimg']:<8.1f}",
             f"time {dnnlib.util.format_time(record['time']):<9s}",
             f"sec/kimg {record['sec_per_kimg']:<7.2f}",

@@ -176,3 +176,35 @@ def test_unknown_metric_is_a_clean_error(teacher_pkl, tmp_path):
         *BASE, '--metrics', 'fidd10k', '--metric-ref', str(tmp_path)])
     assert result.exit_code != 0 and "unknown metric 'fidd10k'" in result.output
     assert 'Traceback' not in result.output
+
+def test_lr_steps_scale_every_rate_and_can_be_added_on_resume(teacher_pkl, tmp_path):
+    args = ['--teacher', teacher_pkl, '--kimg', '0.032', *BASE]
+    # A step at 0 kimg with factor 0.5 on twice the rates is the plain run at the rates (halving is exact).
+    _refine([*args, '--outdir', str(tmp_path / 'plain')])
+    doubled = [a if a != '1e-3' else '2e-3' for a in args]
+    _refine([*doubled, '--outdir', str(tmp_path / 'halved'), '--lr-steps', '0:0.5'])
+    G_plain, G_halved = _final_G(_run_dir(tmp_path / 'plain')), _final_G(_run_dir(tmp_path / 'halved'))
+    assert all(torch.equal(G_plain[k], G_halved[k]) for k in G_plain)
+
+    # A step half-way, from the start or added when resuming there: the same run, bit for bit.
+    _refine([*args, '--outdir', str(tmp_path / 'step'), '--lr-steps', '0.016:0.25'])
+    _refine([*args[:2], '--kimg', '0.016', *BASE, '--outdir', str(tmp_path / 'late')])
+    late = _run_dir(tmp_path / 'late')
+    out = _refine(['--resume', late, '--kimg', '0.032', '--lr-steps', '0.016:0.25', '--batch', '4'])
+    assert 'Warning: --batch ignored with --resume' in out
+    G_step, G_late = _final_G(_run_dir(tmp_path / 'step')), _final_G(late)
+    assert all(torch.equal(G_step[k], G_late[k]) for k in G_step)
+    assert not all(torch.equal(G_step[k], G_plain[k]) for k in G_step) # the step changed the run
+    with open(os.path.join(late, 'options.json')) as f:
+        assert json.load(f)['lr_steps'] == '0.016:0.25' # kept for the next --resume
+    with open(os.path.join(late, 'stats.jsonl')) as f:
+        factors = [json.loads(line)['lr_factor'] for line in f]
+    assert factors == [1.0, 1.0, 0.25, 0.25]
+
+@pytest.mark.parametrize('value, message', [('30', 'KIMG:FACTOR'), ('30:0', 'FACTOR > 0'),
+    ('30:0.2,10:0.1', 'must increase'), ('a:b', 'KIMG:FACTOR'), ('30:nan', 'KIMG:FACTOR')])
+def test_bad_lr_steps_are_one_line_errors(teacher_pkl, tmp_path, value, message):
+    result = CliRunner().invoke(_load_cli().main, ['--teacher', teacher_pkl, '--outdir', str(tmp_path),
+        '--lr-steps', value])
+    assert result.exit_code != 0 and '--lr-steps' in result.output and message in result.output
+    assert 'Traceback' not in result.output and not os.listdir(tmp_path)

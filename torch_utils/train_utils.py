@@ -61,6 +61,35 @@ def update_ema(ema, net, cur_nimg, batch_size, halflife_kimg, rampup_ratio=None)
 # '_' sorts after '.', so plain name order is kimg order.
 _NUMBERED = re.compile(r'^(?P<prefix>.+)-(?P<kimg>\d+)(?:_(?P<rest>\d{3}))?\.(?P<ext>[A-Za-z]+)$')
 
+def parse_lr_steps(text):
+    """'30:0.2,60:0.05' -> ((30.0, 0.2), (60.0, 0.05)): from 30 kimg on the learning rates are
+    0.2 x their own, from 60 kimg on 0.05 x. Raises ValueError with a one-line reason."""
+    steps = []
+    for item in (text or '').split(','):
+        if not item.strip():
+            continue
+        kimg, sep, factor = item.partition(':')
+        try:
+            kimg, factor = float(kimg), float(factor)
+        except ValueError:
+            kimg = factor = None
+        if not sep or kimg is None or not (math.isfinite(kimg) and math.isfinite(factor)):
+            raise ValueError(f"expected KIMG:FACTOR[,KIMG:FACTOR...], got '{item.strip()}'")
+        if kimg < 0 or factor <= 0:
+            raise ValueError(f"'{item.strip()}': KIMG must be >= 0 and FACTOR > 0")
+        if steps and kimg <= steps[-1][0]:
+            raise ValueError(f"'{text}': the KIMG values must increase")
+        steps.append((kimg, factor))
+    return tuple(steps)
+
+def lr_factor(steps, cur_nimg):
+    """The learning-rate factor of `parse_lr_steps` steps in force at cur_nimg images (1 before the first)."""
+    factor = 1.0
+    for kimg, step_factor in steps:
+        if cur_nimg >= kimg * 1000:
+            factor = step_factor
+    return factor
+
 def snapshot_tag(cur_nimg, tick_start_nimg):
     if cur_nimg // 1000 != tick_start_nimg // 1000:
         return f'{cur_nimg // 1000:06d}'
