@@ -69,9 +69,10 @@ class LrSteps(click.ParamType):
             self.fail(str(e), param, ctx)
         return value
 
-# What `--resume RUN` may change: the length, and learning-rate steps (a step at or after the
-# resumed kimg leaves the run identical to one that had it from the start). Saved with the run.
-RESUME_OVERRIDES = ('kimg', 'lr_steps')
+# What `--resume RUN` may change: the length, and learning-rate steps with their restart (a step
+# at or after the resumed kimg leaves the run identical to one that had it from the start).
+# Saved with the run.
+RESUME_OVERRIDES = ('kimg', 'lr_steps', 'restart_from_ema')
 
 def saved_options(run_dir, ctx):
     """The options of the run in `run_dir` (its options.json), each checked as the command line
@@ -125,6 +126,7 @@ def saved_options(run_dir, ctx):
 @click.option('--lr',           help=f"Fake-score learning rate  {_default('lr')}", type=cli.positive_float(), default=None)
 @click.option('--glr',          help=f"Generator learning rate  {_default('glr')}", type=cli.positive_float(), default=None)
 @click.option('--lr-steps',     help='Learning-rate steps: from each KIMG on, every learning rate is FACTOR x its own, e.g. 30:0.2  [default: none]', metavar='KIMG:FACTOR,...', type=LrSteps(), default=None)
+@click.option('--restart-from-ema/--no-restart-from-ema', help=f"At each --lr-steps step the generator continues from its EMA (docs/mnist-teacher.md)  {_default('restart_from_ema')}", default=None)
 @click.option('--sigma-init',   help='Noise level of the one-step generator  [default: the divergence\'s: di 1, sid/sim 2.5, dmd 80]', type=cli.positive_float(), default=None)
 @click.option('--truncation',   help='StyleGAN --gen: truncation psi [default: 1]', type=cli.FiniteFloat(), default=None)
 @click.option('--noise-mode',   help='StyleGAN --gen: per-layer noise [default: random]', type=click.Choice(['random', 'const', 'none']), default=None)

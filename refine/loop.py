@@ -47,6 +47,7 @@ def refinement_loop(
     g_lr                = 1e-5,     # Generator learning rate.
     f_lr                = 1e-5,     # Fake-score learning rate.
     lr_steps            = (),       # ((kimg, factor), ...): from each kimg on, every learning rate is factor x its own.
+    restart_from_ema    = False,    # At each lr_steps step the generator continues from its EMA.
     betas               = (0.0, 0.999), # Adam betas of both optimizers.
     ema_halflife_kimg   = 0.5,      # Half-life of the generator EMA.
     ema_rampup          = 0.05,     # EMA ramp-up: half-life <= this fraction of images seen; None = off.
@@ -191,6 +192,15 @@ def refinement_loop(
 
     while not done:
         lr_factor = set_learning_rates(cur_nimg)
+        if lr_factor != train_utils.lr_factor(lr_steps, cur_nimg - batch_size) and cur_nimg > 0:
+            # A generator trained at a high rate wanders around the point its EMA averages;
+            # continued at a lower rate from where it is, its EMA converges to that worse point.
+            if restart_from_ema:
+                with torch.no_grad():
+                    for name, value in G_ema.state_dict().items():
+                        G.state_dict()[name].copy_(value)
+            say(f'Learning rates x{lr_factor:g} from {cur_nimg / 1e3:g} kimg'
+                + (', the generator continues from its EMA' if restart_from_ema else ''))
         if hasattr(divergence, 'set_progress'):
             divergence.set_progress(cur_nimg)
         # The generator update waits until the fake score has warmed up on the generator's

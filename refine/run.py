@@ -15,7 +15,7 @@ from torch_utils import distributed, train_utils
 DEFAULTS = dict(divergence='di', batch=128, batch_gpu=None, lr=1e-5, glr=1e-5, sigma_init=None,
     kimg=200.0, tick=1.0, snap=10, seed=0, ema=500.0, ema_rampup=0.05, fake_steps=None, mlp_hidden=256, mlp_slots=0, div_opt=None,
     metrics=None, metric_ref=None, metric_batch=64, truncation=None, noise_mode=None, train_params=None,
-    max_minutes=None, fake_warmup=0.0, lr_steps=None,
+    max_minutes=None, fake_warmup=0.0, lr_steps=None, restart_from_ema=False,
     data=None, # a dataset for the optional real-data terms (refine/divergences/adversarial.py)
     # Speed levers (refine/speed.py, training/networks_edm.py IMPLEMENTATION; docs/performance.md).
     reuse_samples=False, amp='auto', compile=False, fused_optim=True, tf32=True,
@@ -118,7 +118,8 @@ def launch(setup, run_dir, resume_state=None, log=print, on_tick=None):
         sigma_init=getattr(setup.G, 'sigma_init', None), refine_options=dict(setup.summary['options']))
     return refinement_loop(run_dir=run_dir, teacher=setup.teacher, G=setup.G, fake=setup.fake,
         divergence=setup.divergence, batch_size=o.batch, batch_gpu=o.batch_gpu, g_lr=o.glr,
-        f_lr=o.lr, lr_steps=train_utils.parse_lr_steps(o.get('lr_steps')), ema_halflife_kimg=o.ema, ema_rampup=o.ema_rampup or None, total_kimg=o.kimg, fake_warmup_kimg=o.fake_warmup, kimg_per_tick=o.tick,
+        f_lr=o.lr, lr_steps=train_utils.parse_lr_steps(o.get('lr_steps')),
+        restart_from_ema=bool(o.get('restart_from_ema')), ema_halflife_kimg=o.ema, ema_rampup=o.ema_rampup or None, total_kimg=o.kimg, fake_warmup_kimg=o.fake_warmup, kimg_per_tick=o.tick,
         time_limit_s=o.max_minutes * 60 if o.max_minutes else None,
         snapshot_ticks=o.snap, seed=o.seed, resume_state=resume_state, snapshot_extra=extra, log=log,
         on_tick=on_tick, on_snapshot=metrics_callback(o, run_dir, log),

@@ -99,13 +99,13 @@ def test_bench_gmm_weights_prints_tv_and_masses_for_every_divergence(tmp_path):
     bench = load_script('bench/gmm_weights.py', 'bench_gmm_weights')
     divergences = 'di,sid,dmd,sim,fdiv,vardiu'
     result = CliRunner().invoke(bench.main, ['--teachers', f'gmm:{path}', '--divergences', divergences,
-        '--kimg', '0.3', '--eval-n', '400', '--outdir', str(tmp_path / 'out'), '--reference'], catch_exceptions=False)
+        '--kimg', '0.3', '--eval-n', '400', '--mass-n', '20000', '--outdir', str(tmp_path / 'out'), '--reference'], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     out = result.output
     for name in ['reference (SW fit)'] + divergences.split(','):
         row = next(line for line in out.splitlines() if line.startswith(f'| {name} | three.json |'))
-        tv = float(row.split('|')[7])
-        assert 0 <= tv <= 1
+        tv, exact_tv = float(row.split('|')[7]), float(row.split('|')[8])
+        assert 0 <= tv <= 1 and 0 <= exact_tv < 0.02 # an exact sampler's TV on 20k samples: noise only
         masses = next(line for line in out.splitlines() if line.startswith(f"{name.split(' ')[0]} on three.json: mass/weight"))
         assert len(masses.split(': ')[-1].split()) == 3
     assert os.path.isfile(tmp_path / 'out' / 'three-di' / 'after.png')

@@ -201,6 +201,28 @@ def test_lr_steps_scale_every_rate_and_can_be_added_on_resume(teacher_pkl, tmp_p
         factors = [json.loads(line)['lr_factor'] for line in f]
     assert factors == [1.0, 1.0, 0.25, 0.25]
 
+def test_restart_from_ema_continues_the_generator_from_its_ema_at_each_step(teacher_pkl, tmp_path):
+    args = ['--teacher', teacher_pkl, *BASE, '--lr-steps', '0.016:0.25']
+    _refine([*args, '--kimg', '0.032', '--restart-from-ema', '--outdir', str(tmp_path / 'restart')])
+    assert 'the generator continues from its EMA' in open(os.path.join(_run_dir(tmp_path / 'restart'), 'log.txt')).read()
+    # The independent computation: stop at the step, put G_ema into G by hand, continue without the flag.
+    _refine([*args, '--kimg', '0.016', '--outdir', str(tmp_path / 'by_hand')])
+    by_hand = _run_dir(tmp_path / 'by_hand')
+    state_path = sorted(glob.glob(os.path.join(by_hand, 'training-state-*.pt')))[-1]
+    state = torch.load(state_path, weights_only=True)
+    assert not all(torch.equal(state['G'][k], state['G_ema'][k]) for k in state['G'])
+    state['G'] = {k: v.clone() for k, v in state['G_ema'].items()}
+    torch.save(state, state_path)
+    _refine(['--resume', by_hand, '--kimg', '0.032'])
+    G_restart, G_by_hand = _final_G(_run_dir(tmp_path / 'restart')), _final_G(by_hand)
+    assert all(torch.equal(G_restart[k], G_by_hand[k]) for k in G_restart)
+    # Added when resuming at the step, it gives the same run.
+    _refine([*args, '--kimg', '0.016', '--outdir', str(tmp_path / 'late')])
+    late = _run_dir(tmp_path / 'late')
+    _refine(['--resume', late, '--kimg', '0.032', '--restart-from-ema'])
+    G_late = _final_G(late)
+    assert all(torch.equal(G_restart[k], G_late[k]) for k in G_restart)
+
 @pytest.mark.parametrize('value, message', [('30', 'KIMG:FACTOR'), ('30:0', 'FACTOR > 0'),
     ('30:0.2,10:0.1', 'must increase'), ('a:b', 'KIMG:FACTOR'), ('30:nan', 'KIMG:FACTOR')])
 def test_bad_lr_steps_are_one_line_errors(teacher_pkl, tmp_path, value, message):
