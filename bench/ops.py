@@ -10,6 +10,10 @@ printed. Then StyleGAN2 G+D forward+backward images/s with the ops on ref vs plu
 
   OMP_NUM_THREADS=1 python bench/ops.py --threads 1
   python bench/ops.py --threads 2 --res 32 --refine 3
+  # the refinement iteration against the ops as they were before the plugins (888f142^):
+  git worktree add /tmp/filing HEAD && for op in bias_act upfirdn2d filtered_lrelu; do
+      git show 888f142^:torch_utils/ops/$op.py > /tmp/filing/torch_utils/ops/$op.py; done
+  python bench/ops.py --res '' --gd-res '' --refine 3 --refine-baseline /tmp/filing
 """
 
 import json
@@ -150,22 +154,24 @@ def set_impl(name):
     os.environ['DI_CUSTOM_OPS'] = 'ref' if name == 'ref' else 'require'
 
 
-def refine_iteration(reps, threads):
-    """Seconds per refinement kimg of refine.py on a random 32 px StyleGAN2, ref vs plugin."""
+def refine_iteration(reps, threads, baseline=None):
+    """Seconds per iteration of refine.py on a random 32 px StyleGAN2, ref vs plugin, and with
+    `baseline` (another checkout) that checkout's refine.py on its own ops as a third variant."""
     tmp = tempfile.mkdtemp(prefix='bench-ops-')
     G, D = stylegan(32, torch.device('cpu'))
     pkl = os.path.join(tmp, 'gan.pkl')
     persistence.save_network_pkl(dict(G=G.eval().requires_grad_(False), D=D.eval().requires_grad_(False),
                                       G_ema=G.eval().requires_grad_(False)), pkl)
-    times = {'ref': [], 'plugin': []}
+    times = {'ref': [], 'plugin': [], **({'baseline': []} if baseline else {})}
     for i in range(reps):
         for name in times:
             out = os.path.join(tmp, f'{name}{i}')
-            env = dict(os.environ, DI_CUSTOM_OPS='ref' if name == 'ref' else 'require', OMP_NUM_THREADS=str(threads))
-            cmd = [sys.executable, os.path.join(ROOT, 'refine.py'), '--teacher',
+            tree = os.path.abspath(baseline) if name == 'baseline' else ROOT
+            env = dict(os.environ, DI_CUSTOM_OPS='require' if name == 'plugin' else 'ref', OMP_NUM_THREADS=str(threads))
+            cmd = [sys.executable, os.path.join(tree, 'refine.py'), '--teacher',
                    os.path.join(ROOT, 'pretrained/edm-mnist32-cond.pkl'), '--gen', pkl, '--outdir', out,
                    '--batch', '16', '--kimg', '0.128', '--tick', '0.032', '--snap', '1000']
-            subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT)
+            subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=tree)
             with open(next(os.path.join(r, 'stats.jsonl') for r, _, fs in os.walk(out) if 'stats.jsonl' in fs)) as f:
                 rows = [json.loads(line) for line in f]
             # Seconds per iteration (16 images) over the ticks after the first (warm-up).
@@ -182,7 +188,9 @@ def refine_iteration(reps, threads):
 @click.option('--gd-batch', default=16, show_default=True, help='Batch of the G+D step')
 @click.option('--gd-res', default='32', show_default=True, help='Resolutions of the G+D step (empty: skip)')
 @click.option('--refine', 'refine_reps', default=0, show_default=True, help='Alternating refine.py runs per variant')
-def main(devices, threads, res, repeats, gd_batch, gd_res, refine_reps):
+@click.option('--refine-baseline', default=None, type=click.Path(exists=True, file_okay=False),
+              help="--refine: also time this checkout's refine.py on its own ops (e.g. a worktree of an older commit)")
+def main(devices, threads, res, repeats, gd_batch, gd_res, refine_reps, refine_baseline):
     torch.set_num_threads(threads)
     print(f'torch {torch.__version__}, {threads} CPU thread(s), OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")}, '
           f'median of {repeats}')
@@ -214,9 +222,11 @@ def main(devices, threads, res, repeats, gd_batch, gd_res, refine_reps):
             print(f'StyleGAN2 G+D fwd+bwd {r} px, batch {gd_batch}: ref {gd_batch / t["ref"] * 1e3:.1f} img/s, '
                   f'plugin {gd_batch / t["plugin"] * 1e3:.1f} img/s ({t["ref"] / t["plugin"]:.2f}x)', flush=True)
     if refine_reps:
-        med, all_times = refine_iteration(refine_reps, threads)
+        med, all_times = refine_iteration(refine_reps, threads, refine_baseline)
         print(f'\nrefine.py iteration (32 px StyleGAN2, batch 16, {threads} thread(s)): ref {med["ref"]:.3f} s, '
-              f'plugin {med["plugin"]:.3f} s ({med["ref"] / med["plugin"]:.2f}x); all: {all_times}')
+              f'plugin {med["plugin"]:.3f} s ({med["ref"] / med["plugin"]:.2f}x)'
+              + (f', {refine_baseline} {med["baseline"]:.3f} s ({med["baseline"] / med["plugin"]:.2f}x)' if refine_baseline else '')
+              + f'; all: {all_times}')
 
 
 if __name__ == '__main__':
