@@ -87,11 +87,11 @@ def _parse_seeds(_ctx, _param, value):
         raise click.BadParameter('need at least 2 non-negative seeds')
     return seeds
 
-def _generator(network_pkl, allow_pickle_code, sigma_init, num_steps, class_idx, device):
+def _generator(network_pkl, allow_pickle_code, sigma_init, num_steps, class_idx, device, raw=False):
     """fn(seeds, labels) from a pickle; refine.generation picks each seed's label itself."""
     sampler_kwargs = {} if num_steps is None else dict(num_steps=num_steps)
     sample, meta = generate.load_sampler(network_pkl, allow_pickle_code, sigma_init, device,
-        sampler_kwargs, class_idx)
+        sampler_kwargs, class_idx, raw=raw)
     if meta.is_vector:
         raise click.BadParameter(f'{network_pkl} makes vectors, not images', param_hint='--network')
     _echo0(f'Generating with {network_pkl} ({meta.kind}, {meta.nfe} network calls per image)')
@@ -107,6 +107,7 @@ def _generator(network_pkl, allow_pickle_code, sigma_init, num_steps, class_idx,
 @click.option('--seeds',                       help='Seeds to generate (--network; replaces --num/--seed)', metavar='LIST', type=str, callback=_parse_seeds)
 @click.option('--class',        'class_idx',   help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--sigma-init',                  help='Read an EDM pickle as a one-step generator at this noise level', metavar='FLOAT', type=cli.positive_float(), default=None)
+@click.option('--raw',                         help="A refinement snapshot's trained generator G instead of its EMA G_ema", is_flag=True)
 @click.option('--steps',        'num_steps',   help='Heun sampler steps (EDM teachers)  [default: 18]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--allow-pickle-code',           help='Run code embedded in the pickle (trusted files only)', is_flag=True)
 @click.option('--batch',                       help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
@@ -114,15 +115,15 @@ def _generator(network_pkl, allow_pickle_code, sigma_init, num_steps, class_idx,
 @click.option('--detector-url',                help='Inception TorchScript weights (path or URL)', metavar='PT|URL', type=str, default=None)
 @click.option('--device',                      help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']), default=None)
 @cli.user_errors
-def calc(image_path, network_pkl, ref_path, metric_names, num, seed, seeds, class_idx, sigma_init,
+def calc(image_path, network_pkl, ref_path, metric_names, num, seed, seeds, class_idx, sigma_init, raw,
         num_steps, allow_pickle_code, batch, detector, detector_url, device):
     """Compute FID (or --metrics) of generated images against a reference."""
     distributed.init()
     if (image_path is None) == (network_pkl is None):
         raise click.UsageError('give exactly one of --images and --network')
     cli.check_readable(network_pkl, '--network')
-    if network_pkl is None and (seeds or class_idx is not None or sigma_init is not None or num_steps):
-        raise click.UsageError('--seeds, --class, --sigma-init and --steps go with --network')
+    if network_pkl is None and (seeds or class_idx is not None or sigma_init is not None or num_steps or raw):
+        raise click.UsageError('--seeds, --class, --sigma-init, --raw and --steps go with --network')
     if image_path is not None and not os.path.exists(image_path):
         raise click.BadParameter(f'{image_path}: no such file or directory', param_hint='--images')
     device = generate.pick_device(device)
@@ -139,7 +140,7 @@ def calc(image_path, network_pkl, ref_path, metric_names, num, seed, seeds, clas
 
     source = image_path
     if network_pkl is not None:
-        source = _generator(network_pkl, allow_pickle_code, sigma_init, num_steps, class_idx, device)
+        source = _generator(network_pkl, allow_pickle_code, sigma_init, num_steps, class_idx, device, raw)
         if seeds is not None: # generate exactly these seeds, whatever the metrics' counts
             source = _with_seeds(source, seeds)
     try:

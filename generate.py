@@ -45,12 +45,12 @@ def pick_device(name):
     return torch.device(name)
 
 def load_sampler(network_pkl, allow_pickle_code, sigma_init, device, sampler_kwargs, class_idx,
-        generator_kwargs=None):
+        generator_kwargs=None, raw=False):
     """refine.generation's (sample, meta) for a pickle, with its errors as one-line CLI errors."""
     try:
         sample, meta = generation.load_for_generation(network_pkl, allow_code=allow_pickle_code,
             sigma_init=sigma_init, device=device, sampler_kwargs=sampler_kwargs,
-            generator_kwargs=generator_kwargs)
+            generator_kwargs=generator_kwargs, raw=raw)
         generation.check_class_idx(class_idx, meta.label_dim)
     except generation.GenerationError as e:
         if e.param:
@@ -112,6 +112,7 @@ def _echo0(message):
 @click.option('--s-max', '--S_max', 'S_max', help='Stoch. max noise level (inf: no limit)', metavar='FLOAT', type=NOT_NAN_NONNEGATIVE, default=float('inf'))
 @click.option('--s-noise', '--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=cli.positive_float(), default=1)
 @click.option('--sigma-init',                 help='Read an EDM pickle as a one-step generator at this noise level (SiD 2.5, DI 1.0)', metavar='FLOAT', type=cli.positive_float(), default=None)
+@click.option('--raw',                        help="A refinement snapshot's trained generator G instead of its EMA G_ema", is_flag=True)
 @click.option('--truncation', '--trunc', 'truncation_psi', help='StyleGAN truncation psi  [default: 1]', metavar='FLOAT', type=cli.FiniteFloat(), default=None)
 @click.option('--noise-mode',                 help='StyleGAN noise  [default: random]', type=click.Choice(['random', 'const', 'none']), default=None)
 @click.option('--grid',     'grid_path',      help='Also save all outputs in one PNG here', metavar='PNG', type=str, default=None)
@@ -120,7 +121,7 @@ def _echo0(message):
 @click.option('--device',                     help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']), default=None)
 @cli.user_errors
 def main(network_pkl, outdir, seeds, class_idx, max_batch_size, grid_path, subdirs,
-        allow_pickle_code, device, sigma_init, truncation_psi, noise_mode, **sampler_kwargs):
+        allow_pickle_code, device, sigma_init, raw, truncation_psi, noise_mode, **sampler_kwargs):
     """Generate images (or vectors) from an EDM teacher, a one-step snapshot, or a SiD/DI pickle."""
     distributed.init()
     device = pick_device(device)
@@ -132,7 +133,7 @@ def main(network_pkl, outdir, seeds, class_idx, max_batch_size, grid_path, subdi
         cli.check_writable_file(grid_path, '--grid')
     torch.manual_seed(0) # StyleGAN's 'random' noise comes from the global generator
     sample, meta = load_sampler(network_pkl, allow_pickle_code, sigma_init, device, sampler_kwargs, class_idx,
-        generator_kwargs=dict(truncation_psi=truncation_psi, noise_mode=noise_mode))
+        generator_kwargs=dict(truncation_psi=truncation_psi, noise_mode=noise_mode), raw=raw)
     os.makedirs(outdir, exist_ok=True)
 
     # Rank r takes every world_size-th batch, so the processes share the work evenly.

@@ -142,7 +142,7 @@ def _wrap_stylegan(G, data, generator_kwargs, path):
         raise GenerationError(f'{path}: {e}', param='network') from None
 
 def load_for_generation(path, allow_code=False, sigma_init=None, device='cpu', sampler_kwargs=None,
-        generator_kwargs=None):
+        generator_kwargs=None, raw=False):
     """Load `path` and return `(sample, meta)`.
 
     `sample(seeds, class_idx=None)` returns the outputs for a list of seeds: float images
@@ -150,7 +150,8 @@ def load_for_generation(path, allow_code=False, sigma_init=None, device='cpu', s
     'one-step-edm' or 'generator'), label_dim, is_vector, nfe (network calls per sample) and
     network (the module). `sampler_kwargs` go to `edm_sampler` (teachers only);
     `generator_kwargs` (truncation_psi, noise_mode) to StyleGAN generators, whose noise is
-    drawn from torch's global generator (seed it for repeatable 'random' noise).
+    drawn from torch's global generator (seed it for repeatable 'random' noise). `raw`: a
+    refinement snapshot's trained generator `G` instead of its EMA `G_ema`.
     """
     device = torch.device(device)
     if sigma_init is not None and not sigma_init > 0:
@@ -160,8 +161,11 @@ def load_for_generation(path, allow_code=False, sigma_init=None, device='cpu', s
         raise GenerationError(f'{path} holds a {type(data).__name__}, not a dict of networks',
             param='network')
 
+    if raw and (sigma_init is not None or 'G' not in data or 'G_ema' not in data):
+        raise GenerationError(f"{path} has no raw generator 'G' beside a 'G_ema' (refine.py snapshots have both)"
+            if sigma_init is None else 'reads the G of a refinement snapshot, not an EDM pickle at --sigma-init', param='raw')
     if sigma_init is None and 'G_ema' in data:
-        G = _module(data, 'G_ema', path)
+        G = _module(data, 'G' if raw else 'G_ema', path)
         if networks_generators.is_stylegan_generator(G):
             G = _wrap_stylegan(G, data, generator_kwargs, path)
         G = G.eval().requires_grad_(False).to(device)

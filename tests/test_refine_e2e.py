@@ -230,3 +230,20 @@ def test_bad_lr_steps_are_one_line_errors(teacher_pkl, tmp_path, value, message)
         '--lr-steps', value])
     assert result.exit_code != 0 and '--lr-steps' in result.output and message in result.output
     assert 'Traceback' not in result.output and not os.listdir(tmp_path)
+
+def test_raw_reads_the_trained_generator_of_a_snapshot(teacher_pkl, tmp_path):
+    from refine import generation # pylint: disable=import-outside-toplevel
+    _refine(['--teacher', teacher_pkl, '--outdir', str(tmp_path), '--kimg', '0.016', *BASE])
+    snap = sorted(glob.glob(os.path.join(_run_dir(tmp_path), 'network-snapshot-*.pkl')))[-1]
+    data = safe_pickle.load_network_pkl(snap)
+    as_ema = tmp_path / 'g-as-ema.pkl' # the independent path: the raw G saved where G_ema goes
+    persistence.save_network_pkl(dict(G_ema=data['G'], sigma_init=data['sigma_init']), as_ema)
+    raw, _ = generation.load_for_generation(snap, raw=True)
+    expected, _ = generation.load_for_generation(str(as_ema))
+    ema, _ = generation.load_for_generation(snap)
+    assert torch.equal(raw([0, 1, 2], 1), expected([0, 1, 2], 1))
+    assert not torch.equal(raw([0, 1, 2], 1), ema([0, 1, 2], 1))
+    result = CliRunner().invoke(generate.main, ['--network', teacher_pkl, '--outdir', str(tmp_path / 'img'),
+        '--seeds', '0', '--raw'])
+    assert result.exit_code != 0 and '--raw' in result.output and "no raw generator 'G'" in result.output
+    assert 'Traceback' not in result.output
